@@ -1,0 +1,955 @@
+"""Patch AE: "Patch-wise Auto-Encoder for Visual Anomaly Detection" (Cui, Liu, Lian), one file.
+
+Idea (Sec. 1-2): a classic auto-encoder is trained on normal images and hopes to FAIL on defects.
+Patch AE does the opposite: it trains an encoder to reconstruct every image patch, artificial
+CutPaste defects included, from that patch's own feature vector. The encoder's features then
+describe defects well, and a test patch is scored by its distance to the nearest feature of the
+normal training images (a memory bank, as in PatchCore).
+
+    image --CutPaste(p=0.5)--> encoder (WideResNet-101 conv1..layer3, layer2 + up(layer3),
+    two 1x1 conv+ReLU) --> R (B, c3, H/8, W/8) --> decoder (1x1 conv, ReLU, 1x1 conv, pixel
+    shuffle) --> one 8x8 patch per feature vector --> hybrid patch loss (Eq. 3)
+    test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map, image score = max
+
+One-minute CPU run (offline: random-init resnet18 on a generated MVTec-style category):
+    python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 64 \
+        --crop-size 64 --epochs 3
+Full run (needs MVTec AD and the ImageNet weights, a GPU is strongly advised):
+    python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
+Expected numbers: see README.md (the paper reports 97.7 image AUROC on screw and 99.48 on
+average over MVTec AD; those are the paper's, not ours).
+
+Assumptions where the paper is silent (each also in README.md):
+- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation.
+- Encoder fusion: layer3 is upsampled bilinearly to layer2's grid; the two 1x1 convs map
+  c1+c2 -> c3 -> c3 with c3 = (c1+c2)/3 by default (512 for WideResNet-101).
+- Decoder hidden width = c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
+- CutPaste: applied with p=0.5, then "normal" or "scar" with equal odds (CutPaste-3way style).
+- Loss: per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over the batch;
+  norm() standardises each patch over its 3*8*8 values, prediction and target alike.
+- Training: Adam, lr 1e-4, 50 epochs, batch 16, backbone trained end to end with its
+  BatchNorm statistics frozen (batches are small and the features must stay comparable).
+- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection.
+- Threshold: 0.99 quantile of the image scores of a held-out 10% of train/good (so by default
+  90% of train/good trains the model and fills the memory bank).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import scipy.ndimage
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score
+
+BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+MODEL_FORMAT = "patch_ae/1"
+# Paper, Table 1 (image AUROC, %): (PatchCore single model, Patch AE). The paper's numbers, not ours.
+PAPER_TABLE1 = {
+    "bottle": (100, 100), "cable": (99.6, 99.56), "capsule": (98.2, 99.1), "carpet": (98.4, 99.87),
+    "grid": (99.8, 99), "hazelnut": (100, 100), "leather": (100, 100), "metal_nut": (100, 99.8),
+    "pill": (97.2, 98.2), "screw": (98.9, 97.7), "tile": (98.9, 100), "toothbrush": (100, 100),
+    "transistor": (100, 99.65), "wood": (99.5, 99.69), "zipper": (99.9, 99.7),
+}
+PAPER_MEAN = (99.36, 99.48)
+
+
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits with code 2, no traceback."""
+
+
+@dataclass
+class Config:
+    data_root: str = field(default_factory=lambda: os.environ.get("MVTEC_ROOT", "./mvtec_anomaly_detection"),
+                           metadata={"help": "MVTec AD root (default: $MVTEC_ROOT, else ./mvtec_anomaly_detection)"})
+    category: str = field(default="screw", metadata={"help": "category folder under --data-root, or 'all'"})
+    synthetic: bool = field(default=False, metadata={
+        "help": "generate and use the offline MVTec-style category 'synthetic' (in ./synthetic_mvtec "
+                "unless --data-root is given)"})
+    backbone: str = field(default="wide_resnet101_2", metadata={"help": "encoder backbone (Sec. 2.3)",
+                                                               "choices": BACKBONES})
+    weights: str = field(default="imagenet", metadata={
+        "help": "backbone init: 'imagenet' (torchvision IMAGENET1K_V1, read from $TORCH_HOME/hub/checkpoints "
+                "when offline), 'none' (random init), or a path to a state_dict file"})
+    image_size: int = field(default=256, metadata={"help": "resize the shorter side to this (PatchCore: 256)"})
+    crop_size: int = field(default=224, metadata={"help": "centre crop, a multiple of 8 (PatchCore: 224)"})
+    epochs: int = field(default=50, metadata={"help": "training epochs (paper: not stated)"})
+    batch_size: int = field(default=16, metadata={"help": "training and inference batch size"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: not stated)"})
+    alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
+    feat_dim: int = field(default=0, metadata={"help": "c3, feature size after the 1x1 convs (Sec. 2.3), "
+                                                       "< c1+c2; 0 = (c1+c2)/3"})
+    coreset_ratio: float = field(default=0.1, metadata={"help": "memory bank coreset fraction in (0, 1]; 1 keeps all"})
+    image_score: str = field(default="max", metadata={
+        "help": "image score: 'max' patch score (Sec. 2.6) or PatchCore's 'reweight' (k=9)",
+        "choices": ("max", "reweight")})
+    knn_memory_mb: int = field(default=256, metadata={"help": "memory budget of one kNN distance block, MB"})
+    holdout: float = field(default=0.1, metadata={
+        "help": "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold"})
+    threshold_quantile: float = field(default=0.99, metadata={
+        "help": "threshold = this quantile of the held-out normal images' scores, in (0, 1]"})
+    device: str = field(default="auto", metadata={"help": "auto = cuda when present", "choices": ("auto", "cpu", "cuda")})
+    seed: list = field(default_factory=lambda: [0], metadata={
+        "help": "one or more seeds (--seeds 0 1 2 repeats the run and reports mean +- std)", "nargs": "+",
+        "type": int, "aliases": ("--seeds",)})
+    out: str = field(default="", metadata={"help": "output folder (default: runs/<category>__<seed>__<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "allow writing into an --out folder that has results"})
+    save: str = field(default="", metadata={"help": "write the model (encoder, memory bank, threshold) to this file"})
+    load: str = field(default="", metadata={"help": "skip training: score with a model file made by --save"})
+    predict: str = field(default="", metadata={"help": "score every image under this folder into predictions.csv"})
+    save_maps: int = field(default=0, metadata={"help": "write heatmap PNGs for this many test images"})
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """argparse from Config: one typed flag per field. With suppress_defaults only given flags appear."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    for f in dataclasses.fields(Config):
+        md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
+        names += list(md.pop("aliases", ()))
+        if f.type in ("bool", bool):
+            p.add_argument(*names, dest=f.name, action="store_true", **md)
+            continue
+        md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        p.add_argument(*names, dest=f.name, **({} if suppress_defaults else {"default": default}), **md)
+    return p
+
+
+def parse_config(argv=None) -> tuple[Config, set]:
+    """Returns the config and the names of the flags given on the command line."""
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    checks = [(cfg.epochs >= 0, "--epochs must be >= 0"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+              (cfg.lr > 0, "--lr must be > 0"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
+              (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
+              (0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
+              (0 < cfg.threshold_quantile <= 1, "--threshold-quantile must be in (0, 1]"),
+              (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0, "--crop-size must be a multiple of 8, at least 32"),
+              (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
+              (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
+              (cfg.knn_memory_mb >= 1, "--knn-memory-mb must be >= 1"), (cfg.save_maps >= 0, "--save-maps must be >= 0"),
+              (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing new to save"),
+              (not (cfg.synthetic and "category" in given), "--synthetic makes its own category; drop --category")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    if cfg.synthetic:
+        cfg.category = "synthetic"
+        if "data_root" not in given:
+            cfg.data_root = "./synthetic_mvtec"
+    return cfg, given
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Progress:
+    """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end."""
+
+    def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0):
+        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last, rate = now, self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"  {self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
+                  flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: MVTec AD layout, and a synthetic category in the same layout
+# ----------------------------------------------------------------------------------------------
+MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png, "
+              "ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
+
+
+def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
+    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the file") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale -> 8 bit
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+    img = img.convert("L" if mask else "RGB")
+    interp = TF.InterpolationMode.NEAREST if mask else TF.InterpolationMode.BILINEAR
+    img = TF.center_crop(TF.resize(img, image_size, interpolation=interp), crop_size)
+    t = TF.pil_to_tensor(img)
+    return t[0] > 0 if mask else t
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+
+
+def find_categories(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise UsageError(f"--data-root {root}: folder not found; expected {MVTEC_TREE}. Get MVTec AD from "
+                         f"{MVTEC_URL} and pass --data-root (or set MVTEC_ROOT), or run with --synthetic")
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+@dataclass
+class Category:
+    train: torch.Tensor            # (N, 3, S, S) uint8, train/good
+    test: torch.Tensor             # (M, 3, S, S) uint8
+    labels: np.ndarray             # (M,) 1 = defect
+    masks: torch.Tensor | None     # (M, S, S) bool, None when the category has no ground_truth folder
+    test_paths: list[Path]
+
+
+def load_category(root: Path, category: str, image_size: int, crop_size: int) -> Category:
+    found = find_categories(root)
+    if category not in found:
+        raise UsageError(f"--category {category}: not found under {root}; found: {', '.join(found) or 'none'} "
+                         f"(each needs {category}/train/good)")
+    base = root / category
+    train_paths = list_images(base / "train" / "good")
+    if not train_paths:
+        raise UsageError(f"{base / 'train' / 'good'}: no images ({', '.join(IMAGE_EXTS)}); add normal training images")
+    test_dirs = sorted(p for p in (base / "test").iterdir() if p.is_dir()) if (base / "test").is_dir() else []
+    test_paths = [p for d in test_dirs for p in list_images(d)]
+    if not test_paths:
+        raise UsageError(f"{base / 'test'}: no images; expected test/<good|defect_type>/*.png")
+    # Masks are matched by name: ground_truth/<type>/<stem>_mask.png belongs to test/<type>/<stem>.*
+    gt = base / "ground_truth"
+    mask_of = {(p.parent.name, p.stem[:-5]): p for p in sorted(gt.glob("*/*_mask.*"))} if gt.is_dir() else None
+    if mask_of is not None:
+        defects = {(p.parent.name, p.stem) for p in test_paths if p.parent.name != "good"}
+        orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))
+        if orphans:
+            key = orphans[0]
+            raise UsageError(f"{mask_of[key]}: mask with no test image {base / 'test' / key[0] / key[1]}.*; remove it")
+        if unmasked:
+            key = unmasked[0]
+            raise UsageError(f"{base / 'test' / key[0] / key[1]}: defect image with no mask "
+                             f"{gt / key[0] / (key[1] + '_mask.png')}; add the mask or remove ground_truth/")
+    progress = Progress(f"reading {category}", len(train_paths) + len(test_paths), "img")
+
+    def read(path):
+        progress.update()
+        return read_image(path, image_size, crop_size)
+    train = torch.stack([read(p) for p in train_paths])
+    test = torch.stack([read(p) for p in test_paths])
+    labels = np.array([int(p.parent.name != "good") for p in test_paths])
+    masks = None
+    if mask_of is not None:
+        empty = torch.zeros(crop_size, crop_size, dtype=torch.bool)
+        masks = torch.stack([empty if p.parent.name == "good" else
+                             read_image(mask_of[(p.parent.name, p.stem)], image_size, crop_size, mask=True)
+                             for p in test_paths])
+    return Category(train, test, labels, masks, test_paths)
+
+
+def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train: int = 60,
+                            n_test_good: int = 16, n_test_defect: int = 8) -> Path:
+    """Writes root/synthetic in MVTec layout: a woven texture with random phase and tint; test
+    defects are scratches, blobs and stains (shapes CutPaste never pastes), with masks.
+    Deterministic for `seed`; an existing folder made by this function is reused."""
+    base, marker = root / "synthetic", root / "synthetic" / ".made_by_patch_ae"
+    stamp = json.dumps({"seed": seed, "size": size, "counts": [n_train, n_test_good, n_test_defect], "version": 1})
+    if base.exists():
+        if marker.is_file() and marker.read_text() == stamp:
+            return base
+        raise UsageError(f"{base}: exists but was not made by this version of --synthetic; move it away or pass "
+                         f"another --data-root")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def texture():  # an aligned weave (as an MVTec object is aligned): small shift, tint and noise
+        px, py = rng.normal(0, 0.3, 2)
+        v = 0.5 + 0.18 * np.sin(2 * np.pi * 14 * xx + px) * np.sin(2 * np.pi * 9 * yy + py)
+        v = v + 0.03 * rng.standard_normal((size, size))
+        tint = np.array([0.85, 0.7, 0.5]) + rng.normal(0, 0.015, 3)
+        return np.clip(v[..., None] * tint * 1.3, 0, 1)
+
+    def defect(img, kind):
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        if kind == "scratch":  # thin bright or dark line at a random angle
+            ang, length, width = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5), rng.uniform(1.2, 2.2) / size
+            t = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
+            n = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
+            mask = (np.abs(t) < length / 2) & (np.abs(n) < width)
+            colour = rng.choice([0.05, 0.95])
+        elif kind == "blob":  # irregular filled ellipse of a foreign colour
+            ry, rx = rng.uniform(0.04, 0.09, 2)
+            wobble = 1 + 0.25 * np.sin(5 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble
+            colour = rng.uniform(0, 1, 3) * [0.4, 0.8, 1.0]
+        else:  # stain: soft darkened patch, mask where it is noticeable
+            r = rng.uniform(0.06, 0.12)
+            soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+            mask = soft > 0.3
+            return img * (1 - 0.55 * soft[..., None]), mask
+        img = img.copy()
+        img[mask] = colour
+        return img, mask
+
+    def save(arr, path, mode="RGB"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode).save(path)
+    for i in range(n_train):
+        save(texture(), base / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        save(texture(), base / "test" / "good" / f"{i:03d}.png")
+    for kind in ("scratch", "blob", "stain"):
+        for i in range(n_test_defect):
+            img, mask = defect(texture(), kind)
+            save(img, base / "test" / kind / f"{i:03d}.png")
+            save(mask.astype(np.float32), base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
+    marker.write_text(stamp)
+    return base
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# CutPaste (Li et al. 2021, Sec. 2.1): the augmented image is also the reconstruction target
+# ----------------------------------------------------------------------------------------------
+def cutpaste(img: torch.Tensor, scar: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, H, W) float in [0, 1] -> (augmented image, bool (H, W) mask of the pasted pixels).
+    normal: a rectangle of 2-15% of the image, aspect ratio log-uniform in [0.3, 3.3];
+    scar: 2-16 x 10-25 px (at 256 px; times `scale`), rotated in [-45, 45] degrees.
+    The patch is cut at one random place, colour-jittered (0.1) and pasted at another."""
+    _, H, W = img.shape
+
+    def u(lo, hi):  # one uniform draw from torch's seeded generator
+        return float(torch.empty(()).uniform_(lo, hi))
+    if scar:
+        w, h = max(1, round(u(2, 16) * scale)), max(2, round(u(10, 25) * scale))
+    else:
+        area, aspect = u(0.02, 0.15) * H * W, math.exp(u(math.log(0.3), math.log(3.3)))
+        w, h = min(W, max(1, round(math.sqrt(area * aspect)))), min(H, max(1, round(math.sqrt(area / aspect))))
+    y, x = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+    patch = img[:, y:y + h, x:x + w]
+    patch = TF.adjust_brightness(patch, u(0.9, 1.1))
+    patch = TF.adjust_contrast(patch, u(0.9, 1.1))
+    patch = TF.adjust_saturation(patch, u(0.9, 1.1))
+    patch = TF.adjust_hue(patch, u(-0.1, 0.1))
+    keep = torch.ones(1, h, w)
+    if scar:  # rotate patch and its footprint together; only the footprint is pasted
+        angle = u(-45, 45)
+        patch = TF.rotate(patch, angle, expand=True)
+        keep = TF.rotate(keep, angle, expand=True)
+        h, w = min(H, patch.shape[1]), min(W, patch.shape[2])
+        patch, keep = patch[:, :h, :w], keep[:, :h, :w]
+    y, x = int(torch.randint(0, H - h + 1, ())), int(torch.randint(0, W - w + 1, ()))
+    out, mask = img.clone(), torch.zeros(H, W, dtype=torch.bool)
+    region = out[:, y:y + h, x:x + w]
+    out[:, y:y + h, x:x + w] = torch.where(keep > 0.5, patch, region)
+    mask[y:y + h, x:x + w] = keep[0] > 0.5
+    return out, mask
+
+
+def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1]: CutPaste on each image with probability p, normal or scar at random."""
+    out = batch.clone()
+    for i in range(len(batch)):
+        if torch.rand(()) < p:
+            out[i] = cutpaste(batch[i], scar=bool(torch.rand(()) < 0.5), scale=image_size / 256)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder (Sec. 2.3, Fig. 2): conv1..layer3 of a pretrained backbone, multi-scale fusion, 2x(1x1 conv+ReLU)
+# ----------------------------------------------------------------------------------------------
+def load_backbone(name: str, weights: str) -> nn.Module:
+    """torchvision classifier with `weights`: 'imagenet' | 'none' | path to a state_dict file."""
+    build = getattr(torchvision.models, name)
+    if weights == "none":
+        return build(weights=None)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:
+            state = enum.get_state_dict(progress=False)  # reads $TORCH_HOME/hub/checkpoints first
+        except Exception as e:  # offline, proxy, corrupt file: all end the same way for the user
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__}); put "
+                             f"{Path(enum.url).name} (from {enum.url}) into {folder}, or pass --weights none") from None
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"--weights {weights}: cannot read a state_dict ({type(e).__name__}: {e})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    model = build(weights=None)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UsageError(f"--weights {weights}: not {name} weights ({str(e).splitlines()[0]})") from None
+    return model
+
+
+def out_channels(module: nn.Module) -> int:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
+class Encoder(nn.Module):
+    """(B, 3, H, W) -> R (B, c3, H/8, W/8): one feature vector per 8x8 image patch."""
+    stride = 8
+
+    def __init__(self, backbone: nn.Module, feat_dim: int = 0):
+        super().__init__()
+        b = backbone  # conv1 + layer1 = the paper's conv1, conv2; layer2, layer3 = conv3, conv4
+        self.stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1)
+        self.layer2, self.layer3 = b.layer2, b.layer3
+        c12 = out_channels(b.layer2) + out_channels(b.layer3)  # c1 + c2
+        self.feat_dim = feat_dim or c12 // 3
+        if not 0 < self.feat_dim < c12:
+            raise UsageError(f"--feat-dim {feat_dim}: must be below c1+c2 = {c12} for this backbone (Sec. 2.3)")
+        self.fuse = nn.Sequential(nn.Conv2d(c12, self.feat_dim, 1), nn.ReLU(inplace=True),
+                                  nn.Conv2d(self.feat_dim, self.feat_dim, 1), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f2 = self.layer2(self.stem(x))                   # (B, c1, H/8, W/8)
+        f3 = self.layer3(f2)                             # (B, c2, H/16, W/16)
+        f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([f2, f3], dim=1))     # (B, c1+c2, H/8, W/8) -> (B, c3, H/8, W/8)
+
+    def train(self, mode: bool = True):
+        """The backbone trains end to end, but its BatchNorm keeps the pretrained statistics."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder (Sec. 2.4): 1x1 conv, ReLU, 1x1 conv, so each feature vector rebuilds only its own patch
+# ----------------------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    """R (B, c3, h, w) -> I_hat (B, 3, h*s, w*s); output patch (i, j) depends on R[:, :, i, j] alone."""
+
+    def __init__(self, feat_dim: int, stride: int = 8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(feat_dim, feat_dim, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(feat_dim, 3 * stride * stride, 1))
+        self.to_patches = nn.PixelShuffle(stride)  # (B, 3*s*s, h, w) -> (B, 3, h*s, w*s)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.to_patches(self.net(r))
+
+
+class PatchAE(nn.Module):
+    def __init__(self, backbone: nn.Module, feat_dim: int = 0):
+        super().__init__()
+        self.encoder = Encoder(backbone, feat_dim)
+        self.decoder = Decoder(self.encoder.feat_dim, Encoder.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss (Eq. 3): alpha * sum_p ||norm(I_hat_p) - norm(I_p)||_2 + (1 - alpha) * sum_p ||I_hat_p - I_p||_2
+# ----------------------------------------------------------------------------------------------
+def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float, stride: int = 8,
+               eps: float = 1e-6) -> torch.Tensor:
+    """(B, 3, H, W) x 2 -> scalar: Eq. 3 summed over the P patches, averaged over the batch."""
+    p_hat = F.unfold(recon, stride, stride=stride).transpose(1, 2)  # Gamma (Eq. 1-2): (B, P, 3*s*s)
+    p = F.unfold(target, stride, stride=stride).transpose(1, 2)
+
+    def norm(v):  # standardise within each patch, as MAE's normalised-pixel target
+        return (v - v.mean(-1, keepdim=True)) / (v.var(-1, keepdim=True) + eps).sqrt()
+    l_norm = (norm(p_hat) - norm(p)).norm(dim=-1).sum(1)   # (B,)
+    l_pixel = (p_hat - p).norm(dim=-1).sum(1)              # (B,)
+    return (alpha * l_norm + (1 - alpha) * l_pixel).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: end to end on CutPaste-augmented normal images
+# ----------------------------------------------------------------------------------------------
+def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: torch.device) -> float:
+    """images: (N, 3, S, S) uint8 normal images. Returns the final epoch's mean loss."""
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    n, start, loss_mean = len(images), time.perf_counter(), float("nan")
+    for epoch in range(1, cfg.epochs + 1):
+        t0, total = time.perf_counter(), 0.0
+        for idx in torch.randperm(n).split(cfg.batch_size):
+            x = augment(images[idx].float() / 255, cfg.image_size)
+            x = normalize(x.to(device))
+            loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride)  # target = the augmented image
+            if not torch.isfinite(loss):
+                raise UsageError(f"training loss became {loss.item()} at epoch {epoch}; lower --lr "
+                                 f"(now {cfg.lr}); nothing was saved by this run")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        loss_mean, now = total / n, time.perf_counter()
+        eta = (now - start) / epoch * (cfg.epochs - epoch)
+        print(f"  epoch {epoch}/{cfg.epochs}: loss {loss_mean:.4f}, {now - t0:.1f}s, ETA {eta:.0f}s", flush=True)
+    return loss_mean
+
+
+@torch.no_grad()
+def extract_features(encoder, images: torch.Tensor, batch_size: int, device: torch.device,
+                     desc: str = "features") -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> features (N, C, h, w) on `device`. `encoder`: any image -> map module."""
+    if isinstance(encoder, nn.Module):
+        encoder.eval()
+    progress, out = Progress(desc, len(images), "img"), []
+    for batch in images.split(batch_size):
+        out.append(encoder(normalize(batch.to(device).float() / 255)))
+        progress.update(len(batch))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory bank: PatchCore's greedy coreset on a random projection
+# ----------------------------------------------------------------------------------------------
+def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """(N, D) -> LongTensor (n,) of rows that greedily cover the set (k-center): each step adds the
+    row farthest from those chosen so far. Distances on a 128-d random (Johnson-Lindenstrauss) projection."""
+    N, D = features.shape
+    n = max(1, min(n, N))
+    g = torch.Generator().manual_seed(seed)
+    proj = (torch.randn(D, proj_dim, generator=g) / math.sqrt(proj_dim)).to(features)
+    z = (features @ proj).T.contiguous() if D > proj_dim else features.T.contiguous()  # (k, N)
+    # Column layout: z.T @ c runs as one transposed gemv, ~3x faster on CPU than (N, k) @ c.
+    sq = (z * z).sum(0)                                             # ||z_i||^2, (N,)
+    chosen = torch.empty(n, dtype=torch.long, device=features.device)
+    min_d = torch.full((N,), float("inf"), device=features.device)  # squared distance to the chosen set
+    i = int(torch.randint(N, (), generator=g))
+    progress = Progress("coreset", n, "pts")
+    for k in range(n):
+        chosen[k] = i
+        d = torch.addmv(sq, z.T, z[:, i], alpha=-2).add_(sq[i])     # ||z - z_i||^2 for all rows
+        torch.minimum(min_d, d, out=min_d)
+        i = int(min_d.argmax())
+        progress.update()
+    return chosen
+
+
+def build_memory_bank(features: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor:
+    """(N, C, h, w) -> (M, C) normal patch features, M = ratio * N*h*w."""
+    flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])  # (N*h*w, C)
+    if ratio >= 1:
+        return flat
+    return flat[greedy_coreset(flat, int(len(flat) * ratio), seed=seed)]
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN scorer (Sec. 2.6): distance of each test patch to its nearest memory-bank feature
+# ----------------------------------------------------------------------------------------------
+def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, memory_mb: int = 256,
+               method: str = "mm") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, D) x (M, D) -> L2 distances (Q, k) and bank indices (Q, k), nearest first.
+    The bank is walked in chunks so that one (q_chunk, m_chunk) distance block fits `memory_mb`.
+    method 'mm': ||q||^2 - 2 q.m + ||m||^2 through one addmm per block, the min taken on squared
+    distances (the matmul runs at BLAS speed; see bench.py); 'cdist': torch.cdist per block."""
+    queries, bank = queries.float(), bank.to(queries.device, torch.float32)
+    q_chunk = min(len(queries), 4096)
+    m_chunk = max(k, memory_mb * 2**20 // (4 * q_chunk))
+    bank_sq = (bank * bank).sum(1)  # (M,)
+    dists, idxs = [], []
+    for q in queries.split(q_chunk):
+        best_d = torch.full((len(q), k), float("inf"), device=q.device)
+        best_i = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
+        for start in range(0, len(bank), m_chunk):
+            m = bank[start:start + m_chunk]
+            if method == "mm":
+                d = torch.addmm(bank_sq[start:start + m_chunk], q, m.T, alpha=-2)  # (q, m) minus ||q||^2
+            else:
+                d = torch.cdist(q, m)
+            v, i = d.min(1, keepdim=True) if k == 1 else d.topk(min(k, len(m)), dim=1, largest=False)
+            v, j = torch.cat([best_d, v], 1).topk(k, dim=1, largest=False)  # merge with the best so far
+            best_i, best_d = torch.cat([best_i, i + start], 1).gather(1, j), v
+        # exact distances to the chosen neighbours: the expanded form loses digits when d << ||q||
+        dists.append((q[:, None, :] - bank[best_i]).norm(dim=-1))
+        idxs.append(best_i)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def image_scores(patch_scores: torch.Tensor, nn_idx: torch.Tensor, queries: torch.Tensor,
+                 bank: torch.Tensor, mode: str = "max", b: int = 9) -> torch.Tensor:
+    """patch_scores (N, P) -> (N,). 'max': the largest patch score (Sec. 2.6). 'reweight': PatchCore
+    Eq. 7, s* x (1 - softmax over the distances from the worst test patch to the b nearest bank
+    neighbours of its nearest bank vector m*, taken at m*)."""
+    s, worst = patch_scores.max(1)                                   # (N,), (N,)
+    if mode == "max":
+        return s
+    m_star = nn_idx.view(len(patch_scores), -1)[torch.arange(len(s)), worst]  # (N,)
+    _, nb = knn_scores(bank[m_star], bank, k=min(b, len(bank)))      # N_b(m*) (m* itself first)
+    q = queries.view(len(s), -1, queries.shape[-1])[torch.arange(len(s)), worst]  # (N, D)
+    d = (q[:, None, :] - bank[nb]).norm(dim=-1)                      # (N, b)
+    return (1 - torch.softmax(d, dim=1)[:, 0]) * s
+
+
+# ----------------------------------------------------------------------------------------------
+# Anomaly map: patch scores -> bilinear upsampling to the crop -> Gaussian blur, sigma 4
+# ----------------------------------------------------------------------------------------------
+def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
+    """(N, h, w) -> (N, size, size)."""
+    m = F.interpolate(patch_scores[:, None], size=(size, size), mode="bilinear", align_corners=False)
+    k = 2 * int(4 * sigma + 0.5) + 1  # truncate at 4 sigma, as scipy.ndimage.gaussian_filter
+    return TF.gaussian_blur(m, [k, k], [sigma, sigma])[:, 0]
+
+
+@torch.no_grad()
+def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, cfg: Config, device: torch.device,
+                 desc: str = "scoring") -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 (N, 3, S, S) -> image scores (N,) and anomaly maps (N, S, S) on the CPU."""
+    if isinstance(encoder, nn.Module):
+        encoder.eval()
+    progress, scores, maps = Progress(desc, len(images), "img"), [], []
+    for batch in images.split(cfg.batch_size):
+        r = encoder(normalize(batch.to(device).float() / 255))          # (B, C, h, w)
+        q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
+        d, idx = knn_scores(q, bank, memory_mb=cfg.knn_memory_mb)       # (B*h*w, 1)
+        patch = d.view(len(batch), -1)
+        scores.append(image_scores(patch, idx, q, bank, cfg.image_score).cpu())
+        maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())
+        progress.update(len(batch))
+    return torch.cat(scores).numpy(), torch.cat(maps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: image AUROC, pixel AUROC, AUPRO up to 30% FPR (MVTec AD's definition)
+# ----------------------------------------------------------------------------------------------
+def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
+    """Area under the per-region-overlap curve for FPR in [0, max_fpr], divided by max_fpr.
+    Regions: 8-connected components of each ground-truth mask. One threshold per distinct score."""
+    regions, n = np.zeros(masks.shape, np.int64), 0
+    for i, m in enumerate(masks):
+        label, count = scipy.ndimage.label(m, structure=np.ones((3, 3)))
+        regions[i] = np.where(label > 0, label + n, 0)
+        n += count
+    normal = regions == 0
+    if n == 0 or normal.all():
+        return float("nan")
+    order = np.argsort(-maps.ravel(), kind="stable")                 # thresholds from high to low
+    r, s = regions.ravel()[order], maps.ravel()[order]
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)
+    fpr = np.cumsum(r == 0) / normal.sum()
+    pro = np.cumsum(np.where(r == 0, 0.0, 1.0 / (sizes[r] * n)))    # mean over regions of the overlap
+    last = np.r_[s[1:] != s[:-1], True]                              # ties share one threshold
+    fpr, pro = np.r_[0.0, fpr[last]], np.r_[0.0, pro[last]]
+    cut = np.searchsorted(fpr, max_fpr, side="right")
+    f, p = np.r_[fpr[:cut], max_fpr], np.r_[pro[:cut], np.interp(max_fpr, fpr, pro)]
+    return float(np.trapezoid(p, f) / max_fpr)
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """None when only one class is present: AUROC is not defined then."""
+    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
+
+
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: torch.Tensor | None,
+                    maps: torch.Tensor) -> dict:
+    out = {"image_auroc": auroc(labels, scores), "pixel_auroc": None, "pixel_aupro": None}
+    if masks is not None and masks.any():
+        m, a = masks.numpy(), maps.numpy()
+        out["pixel_auroc"] = auroc(m.ravel(), a.ravel())
+        pro = aupro(m, a)
+        out["pixel_aupro"] = None if math.isnan(pro) else pro
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: model file, heatmaps, tables
+# ----------------------------------------------------------------------------------------------
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(obj, str):
+        tmp.write_text(obj)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
+
+
+def load_model(path: str, cfg: Config, given: set) -> tuple[Encoder, dict]:
+    """Model file -> encoder (CPU) and the file's dict; the file's settings replace cfg's."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--load {path}: file not found") from None
+    except Exception as e:
+        raise UsageError(f"--load {path}: not a model file of patch_ae.py ({type(e).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
+        raise UsageError(f"--load {path}: not a {MODEL_FORMAT} model file of patch_ae.py; make one with --save")
+    for key in MODEL_KEYS:
+        if key in given and getattr(cfg, key) != blob["config"][key]:
+            raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
+                             f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or retrain")
+        setattr(cfg, key, blob["config"][key])
+    encoder = Encoder(load_backbone(cfg.backbone, "none"), cfg.feat_dim)
+    try:
+        encoder.load_state_dict(blob["encoder"])
+    except RuntimeError as e:
+        raise UsageError(f"--load {path}: encoder weights do not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
+    return encoder, blob
+
+
+def csv_text(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def colorize(x: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8, a jet-like colour map (blue = low, red = high)."""
+    anchors = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]])
+    pos = np.clip(x, 0, 1) * (len(anchors) - 1)
+    rgb = [np.interp(pos, np.arange(len(anchors)), anchors[:, c]) for c in range(3)]
+    return (np.stack(rgb, -1) * 255).astype(np.uint8)
+
+
+def save_heatmap(path: Path, image: torch.Tensor, amap: torch.Tensor, vrange: tuple[float, float],
+                 mask: torch.Tensor | None = None) -> None:
+    """PNG: input | map over input (same colour range for every image) | ground truth if any."""
+    img = image.permute(1, 2, 0).numpy()
+    heat = colorize((amap.numpy() - vrange[0]) / max(vrange[1] - vrange[0], 1e-12))
+    panels = [img, (0.5 * img + 0.5 * heat).astype(np.uint8)]
+    if mask is not None:
+        panels.append(np.repeat(mask.numpy()[..., None].astype(np.uint8) * 255, 3, axis=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
+
+
+def fmt(v, digits: int = 1, scale: float = 100) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{digits}f}"
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """One row per category (mean +- std over seeds), then a mean row, with the paper's Table 1."""
+    rows, metrics = [], ("image_auroc", "pixel_auroc", "pixel_aupro", "train_seconds", "ms_per_image")
+    for cat in dict.fromkeys(r["category"] for r in runs):
+        group, row = [r for r in runs if r["category"] == cat], {"category": cat}
+        row["seeds"] = " ".join(str(r["seed"]) for r in group)
+        for m in metrics:
+            vals = [r[m] for r in group if r[m] is not None]
+            row[m] = float(np.mean(vals)) if vals else None
+            row[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
+        row["paper_patchcore_single"], row["paper_patch_ae"] = PAPER_TABLE1.get(cat, (None, None))
+        rows.append(row)
+    if len(rows) > 1:
+        mean = {"category": "mean", "seeds": ""}
+        for m in metrics:
+            vals = [r[m] for r in rows if r[m] is not None]
+            mean[m], mean[m + "_std"] = (float(np.mean(vals)) if vals else None), None
+        full = {r["category"] for r in rows} >= set(PAPER_TABLE1)
+        mean["paper_patchcore_single"], mean["paper_patch_ae"] = PAPER_MEAN if full else (None, None)
+        rows.append(mean)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    def pm(row, m, d=1, scale=100):
+        std = row.get(m + "_std")
+        return fmt(row[m], d, scale) + ("" if std is None else f" +- {fmt(std, d, scale)}")
+    print("| category | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img | paper Patch AE "
+          "| paper PatchCore-1 |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        paper = [("n/a" if v is None else f"{v}") for v in (r["paper_patch_ae"], r["paper_patchcore_single"])]
+        print(f"| {r['category']} | {pm(r, 'image_auroc')} | {pm(r, 'pixel_auroc')} | {pm(r, 'pixel_aupro')} | "
+              f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} | {paper[0]} | {paper[1]} |")
+
+
+# ----------------------------------------------------------------------------------------------
+# One run: train, memory bank, threshold, test
+# ----------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
+    """Train Patch AE on train/good minus the hold-out; returns encoder, memory bank, threshold, timing."""
+    seed_everything(seed)
+    order = torch.randperm(len(data.train))
+    n_hold = int(round(len(order) * cfg.holdout))
+    if len(order) - n_hold < 1:
+        raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; lower it")
+    train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
+    print(f"training on {len(train)} images, {len(held)} held out for the threshold", flush=True)
+    model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
+    cfg.feat_dim = model.encoder.feat_dim
+    sync(device)
+    t0 = time.perf_counter()
+    train_patch_ae(model, train, cfg, device)
+    encoder = model.encoder.eval()
+    bank = build_memory_bank(extract_features(encoder, train, cfg.batch_size, device), cfg.coreset_ratio, seed)
+    sync(device)
+    train_seconds = time.perf_counter() - t0
+    print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset), {train_seconds:.1f}s", flush=True)
+    threshold, map_range = None, None
+    if len(held):  # a threshold from normal images alone: the q-quantile of their image scores
+        s, maps = score_images(encoder, bank, held, cfg, device, "held-out")
+        threshold = float(np.quantile(s, cfg.threshold_quantile))
+        map_range = (float(maps.min()), float(maps.max()))  # heatmap colours: red = above any held-out pixel
+        print(f"threshold {threshold:.4f} = {cfg.threshold_quantile:g} quantile of {len(held)} held-out scores")
+    return {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": map_range,
+            "n_train": len(train), "n_holdout": len(held), "train_seconds": train_seconds}
+
+
+def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out: Path) -> dict:
+    sync(device)
+    t0 = time.perf_counter()
+    scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg, device, "test")
+    sync(device)
+    ms = (time.perf_counter() - t0) / len(data.test) * 1000
+    result = compute_metrics(data.labels, scores, data.masks, maps)
+    thr = model["threshold"]
+    result["threshold"] = thr
+    both = len(np.unique(data.labels)) == 2
+    result["f1_at_threshold"] = float(f1_score(data.labels, scores >= thr)) if thr is not None and both else None
+    result["ms_per_image"] = ms
+    if cfg.save_maps:
+        vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
+        for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
+            p = data.test_paths[i]
+            save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png", data.test[i], maps[i], vrange,
+                         None if data.masks is None else data.masks[i])
+    return result
+
+
+def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> Path:
+    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image."""
+    if not folder.is_dir():
+        raise UsageError(f"--predict {folder}: folder not found")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not paths:
+        raise UsageError(f"--predict {folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
+    images = torch.stack([read_image(p, cfg.image_size, cfg.crop_size) for p in paths])
+    scores, maps = score_images(model["encoder"], model["bank"], images, cfg, device, "predict")
+    thr = model["threshold"]
+    vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
+    rows = [["path", "score", "is_anomalous"]]
+    for p, s, image, amap in zip(paths, scores, images, maps):
+        rel = p.relative_to(folder)
+        rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr)])
+        save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap, vrange)
+    atomic_save(csv_text(rows), out / "predictions.csv")
+    flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
+    print(f"predicted {len(paths)} images ({flagged}): {out / 'predictions.csv'}")
+    return out / "predictions.csv"
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+def run(cfg: Config, given: set) -> list[dict]:
+    device = pick_device(cfg.device)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{stamp}")
+    written = [out / n for n in ("results.json", "results.csv", "predictions.csv")]
+    if not cfg.overwrite and any(p.exists() for p in written):
+        raise UsageError(f"--out {out}: already holds results; pick another --out or pass --overwrite")
+    root = Path(cfg.data_root)
+    if cfg.synthetic:
+        make_synthetic_category(root)
+    if cfg.load:
+        encoder, blob = load_model(cfg.load, cfg, given)
+        model = {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
+                 "threshold": blob["threshold"], "map_range": blob["map_range"], "n_train": blob["n_train"],
+                 "n_holdout": blob["n_holdout"], "train_seconds": 0.0}
+        cfg.image_score = blob["config"]["image_score"] if "image_score" not in given else cfg.image_score
+    weights = "from " + cfg.load if cfg.load else cfg.weights
+    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"backbone {cfg.backbone}, weights {weights}", flush=True)
+    if cfg.weights == "none" and not cfg.load:
+        print("note: --weights none (random init): results are not comparable with the paper's")
+    if cfg.load and cfg.predict:
+        predict_folder(cfg, model, Path(cfg.predict), device, out)
+        return []
+    categories = find_categories(root) if cfg.category == "all" else [cfg.category]
+    if cfg.category == "all" and not categories:
+        raise UsageError(f"--category all: no category under {root}; expected {MVTEC_TREE}")
+    if (cfg.save or cfg.predict) and len(categories) * len(cfg.seed) > 1:
+        raise UsageError("--save and --predict take one category and one seed")
+    runs = []
+    for category in categories:
+        data = load_category(root, category, cfg.image_size, cfg.crop_size)
+        for seed in (cfg.seed[:1] if cfg.load else cfg.seed):
+            print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test images", flush=True)
+            if not cfg.load:
+                model = fit(cfg, data, seed, device)
+            result = {"category": category, "seed": seed, **evaluate(cfg, model, data, device, out)}
+            result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], n_test=len(data.test),
+                          train_seconds=model["train_seconds"], memory_bank_shape=list(model["bank"].shape),
+                          config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__,
+                          torchvision=torchvision.__version__, paper_table1=PAPER_TABLE1.get(category))
+            runs.append(result)
+            print(f"{category} seed {seed}: image AUROC {fmt(result['image_auroc'])}, pixel AUROC "
+                  f"{fmt(result['pixel_auroc'])}, pixel AUPRO@30% {fmt(result['pixel_aupro'])}, F1 at threshold "
+                  f"{fmt(result['f1_at_threshold'])}, {result['ms_per_image']:.1f} ms/image", flush=True)
+            if cfg.save:
+                atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg),
+                             "encoder": model["encoder"].state_dict(), "memory_bank": model["bank"].cpu(),
+                             "threshold": model["threshold"], "map_range": model["map_range"],
+                             "n_train": model["n_train"], "n_holdout": model["n_holdout"],
+                             "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}},
+                            Path(cfg.save))
+                print(f"saved model to {cfg.save}")
+            if cfg.predict:
+                predict_folder(cfg, model, Path(cfg.predict), device, out)
+    rows = summarize(runs)
+    print_table(rows)
+    atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
+                out / "results.json")
+    keys = list(rows[0])
+    atomic_save(csv_text([keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]), out / "results.csv")
+    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    return runs
+
+
+def main(argv=None) -> list[dict]:
+    try:
+        cfg, given = parse_config(argv)
+        return run(cfg, given)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
