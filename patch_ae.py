@@ -708,6 +708,15 @@ def atomic_save(obj, path: Path) -> None:
 MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
 
 
+def save_model(path: str, cfg: Config, model: dict) -> None:
+    """One file with all that scoring needs: encoder weights, memory bank, threshold, config, versions."""
+    atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg), "encoder": model["encoder"].state_dict(),
+                 "memory_bank": model["bank"].cpu(), "threshold": model["threshold"], "map_range": model["map_range"],
+                 "n_train": model["n_train"], "n_holdout": model["n_holdout"],
+                 "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}}, Path(path))
+    print(f"saved model to {path}")
+
+
 def load_model(path: str, cfg: Config, given: set) -> tuple[Encoder, dict]:
     """Model file -> encoder (CPU) and the file's dict; the file's settings replace cfg's."""
     try:
@@ -925,13 +934,7 @@ def run(cfg: Config, given: set) -> list[dict]:
                   f"{fmt(result['pixel_auroc'])}, pixel AUPRO@30% {fmt(result['pixel_aupro'])}, F1 at threshold "
                   f"{fmt(result['f1_at_threshold'])}, {result['ms_per_image']:.1f} ms/image", flush=True)
             if cfg.save:
-                atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg),
-                             "encoder": model["encoder"].state_dict(), "memory_bank": model["bank"].cpu(),
-                             "threshold": model["threshold"], "map_range": model["map_range"],
-                             "n_train": model["n_train"], "n_holdout": model["n_holdout"],
-                             "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}},
-                            Path(cfg.save))
-                print(f"saved model to {cfg.save}")
+                save_model(cfg.save, cfg, model)
             if cfg.predict:
                 predict_folder(cfg, model, Path(cfg.predict), device, out)
     rows = summarize(runs)
