@@ -148,7 +148,8 @@ def parse_config(argv=None) -> tuple[Config, set]:
               (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0, "--crop-size must be a multiple of 8, at least 32"),
               (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
               (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
-              (cfg.knn_memory_mb >= 0, "--knn-memory-mb must be >= 0 (0 = automatic)"), (cfg.save_maps >= 0, "--save-maps must be >= 0"),
+              (cfg.knn_memory_mb >= 0, "--knn-memory-mb must be >= 0 (0 = automatic)"),
+              (cfg.save_maps >= 0, "--save-maps must be >= 0"),
               (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing new to save"),
               (not (cfg.synthetic and "category" in given), "--synthetic makes its own category; drop --category")]
     for ok, message in checks:
@@ -162,9 +163,12 @@ def parse_config(argv=None) -> tuple[Config, set]:
 
 
 def pick_device(name: str) -> torch.device:
+    """The one place where the device is decided: auto = CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    return torch.device(name)
 
 
 def sync(device: torch.device) -> None:
@@ -180,17 +184,18 @@ def seed_everything(seed: int) -> None:
 
 
 class Progress:
-    """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end."""
+    """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end
+    unless final=False (when the caller prints its own summary)."""
 
-    def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0):
-        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+    def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0, final: bool = True):
+        self.desc, self.total, self.unit, self.every, self.final = desc, total, unit, every, final
         self.done, self.start = 0, time.perf_counter()
         self.last = self.start
 
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= self.every or self.done >= self.total:
+        if now - self.last >= self.every or (self.final and self.done >= self.total):
             self.last, rate = now, self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             print(f"  {self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
@@ -516,6 +521,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     n, start, loss_mean = len(images), time.perf_counter(), float("nan")
     for epoch in range(1, cfg.epochs + 1):
         t0, total = time.perf_counter(), 0.0
+        progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # for slow epochs (CPU)
         for idx in torch.randperm(n).split(cfg.batch_size):
             x = augment(images[idx].float() / 255, cfg.image_size)
             x = normalize(x.to(device))
@@ -527,6 +533,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
+            progress.update(len(idx))
         loss_mean, now = total / n, time.perf_counter()
         eta = (now - start) / epoch * (cfg.epochs - epoch)
         print(f"  epoch {epoch}/{cfg.epochs}: loss {loss_mean:.4f}, {now - t0:.1f}s, ETA {eta:.0f}s", flush=True)
