@@ -39,9 +39,10 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from patch_ae import (BACKBONES, Category, Config, Encoder, UsageError, atomic_save, build_memory_bank, compute_metrics,
-                      extract_features, fit, fmt, greedy_coreset, knn_budget_mb, knn_scores, load_backbone,
-                      load_category, make_synthetic_category, pick_device, score_images, seed_everything, sync)
+from patch_ae import (BACKBONES, Category, Config, Encoder, UsageError, atomic_save, build_memory_bank, check_config,
+                      compute_metrics, extract_features, fit, fmt, greedy_coreset, knn_budget_mb, knn_scores,
+                      load_backbone, load_category, make_synthetic_category, pick_device, score_images,
+                      seed_everything, sync)
 
 MB = 2**20
 KNN_FORMS = ("mm", "cdist")  # the two forms of patch_ae.knn_scores
@@ -225,15 +226,10 @@ def timed_pass(members: list[tuple[nn.Module, torch.Tensor]], images: torch.Tens
 
 
 def fit_patch_ae(data: Category, args, device: torch.device, meter: MemoryMeter) -> dict:
-    cfg = Config(data_root=args.data_root, backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                 crop_size=args.crop_size, epochs=args.epochs, batch_size=args.batch_size, feat_dim=args.feat_dim,
-                 coreset_ratio=args.coreset_ratio, knn_memory_mb=args.knn_memory_mb, holdout=0.0,
-                 device=args.device, seed=[args.seed])
     start = meter.start()
-    model = fit(cfg, data, args.seed, device)  # holdout 0: every training image trains and fills the bank
+    model = fit(args.patch_ae, data, args.seed, device)
     fit_info = {"fit_s": model["train_seconds"], "bank_s": model["bank_seconds"], "n_train": model["n_train"],
-                "coreset_ratio": args.coreset_ratio,
-                **meter.phase("fit", start)}
+                "coreset_ratio": args.coreset_ratio, **meter.phase("fit", start)}
     return {"name": "Patch AE", "backbones": [args.backbone], "members": [(model["encoder"], model["bank"])],
             "fit": fit_info}
 
@@ -485,16 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    # Patch AE's settings, checked by patch_ae itself; holdout 0: every training image trains and fills the bank
+    args.patch_ae = Config(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
+                           crop_size=args.crop_size, epochs=args.epochs, batch_size=args.batch_size,
+                           feat_dim=args.feat_dim, coreset_ratio=args.coreset_ratio, knn_memory_mb=args.knn_memory_mb,
+                           holdout=0.0, device=args.device, seed=[args.seed])
+    check_config(args.patch_ae)
     checks = [(args.repeats >= 1, "--repeats must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
-              (args.epochs >= 0, "--epochs must be >= 0"), (args.batch_size >= 1, "--batch-size must be >= 1"),
-              (args.crop_size >= 32 and args.crop_size % 8 == 0, "--crop-size must be a multiple of 8, at least 32"),
-              (args.image_size >= args.crop_size, "--image-size must be >= --crop-size"),
-              (args.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
               (args.baseline_dim is None or args.baseline_dim >= 1, "--baseline-dim must be >= 1"),
-              (0 < args.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
               (args.baseline_coreset_ratio is None or 0 < args.baseline_coreset_ratio <= 1,
                "--baseline-coreset-ratio must be in (0, 1]"),
-              (args.knn_memory_mb >= 0, "--knn-memory-mb must be >= 0 (0 = automatic)"),
               (args.max_train >= 0 and args.max_test >= 0, "--max-train and --max-test must be >= 0 (0 = all)"),
               (min(args.bank_rows) >= 1, "--bank-rows must all be >= 1"),
               (args.coreset_rows >= 0, "--coreset-rows must be >= 0 (0 = skip)"),

@@ -136,10 +136,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv=None) -> tuple[Config, set]:
-    """Returns the config and the names of the flags given on the command line."""
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+def check_config(cfg: Config) -> None:
+    """Raises UsageError, naming the flag, for a value that makes no sense."""
     checks = [(cfg.epochs >= 0, "--epochs must be >= 0"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
               (cfg.lr > 0, "--lr must be > 0"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
               (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
@@ -150,12 +148,20 @@ def parse_config(argv=None) -> tuple[Config, set]:
               (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
               (cfg.knn_memory_mb >= 0, "--knn-memory-mb must be >= 0 (0 = automatic)"),
               (cfg.save_maps >= 0, "--save-maps must be >= 0"),
-              (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing new to save"),
-              (not (cfg.synthetic and "category" in given), "--synthetic makes its own category; drop --category")]
+              (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing new to save")]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def parse_config(argv=None) -> tuple[Config, set]:
+    """Returns the checked config and the names of the flags given on the command line."""
+    cfg = Config(**vars(build_parser().parse_args(argv)))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    check_config(cfg)
     if cfg.synthetic:
+        if "category" in given:
+            raise UsageError("--synthetic makes its own category; drop --category")
         cfg.category = "synthetic"
         if "data_root" not in given:
             cfg.data_root = "./synthetic_mvtec"
