@@ -648,9 +648,9 @@ def image_scores(patch_scores: torch.Tensor, nn_idx: torch.Tensor, queries: torc
     s, worst = patch_scores.max(1)                                   # (N,), (N,)
     if mode == "max":
         return s
-    m_star = nn_idx.view(len(patch_scores), -1)[torch.arange(len(s)), worst]  # (N,)
+    m_star = nn_idx.view(len(patch_scores), -1)[torch.arange(len(s), device=s.device), worst]  # (N,)
     _, nb = knn_scores(bank[m_star], bank, k=min(b, len(bank)))      # N_b(m*) (m* itself first)
-    q = queries.view(len(s), -1, queries.shape[-1])[torch.arange(len(s)), worst]  # (N, D)
+    q = queries.view(len(s), -1, queries.shape[-1])[torch.arange(len(s), device=s.device), worst]  # (N, D)
     d = (q[:, None, :] - bank[nb]).norm(dim=-1)                      # (N, b)
     return (1 - torch.softmax(d, dim=1)[:, 0]) * s
 
