@@ -11,9 +11,10 @@ normal training images (a memory bank, as in PatchCore).
     shuffle) --> one 8x8 patch per feature vector --> hybrid patch loss (Eq. 3)
     test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map, image score = max
 
-One-minute CPU run (offline: random-init resnet18 on a generated MVTec-style category):
-    python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 64 \
-        --crop-size 64 --epochs 3
+Offline CPU run in seconds (random-init resnet18 on a generated MVTec-style category; README.md
+gives its expected output: image AUROC 99.7 on 2 cores, 2026-11-29):
+    python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 128 \
+        --crop-size 128 --epochs 5
 Full run (needs MVTec AD and the ImageNet weights, a GPU is strongly advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
 Expected numbers: see README.md (the paper reports 97.7 image AUROC on screw and 99.48 on
@@ -30,6 +31,8 @@ Assumptions where the paper is silent (each also in README.md):
 - Training: Adam, lr 1e-4, 50 epochs, batch 16, backbone trained end to end with its
   BatchNorm statistics frozen (batches are small and the features must stay comparable).
 - Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection.
+- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2; computed as ||q||^2 - 2 q.m + ||m||^2 in
+  cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
 - Threshold: 0.99 quantile of the image scores of a held-out 10% of train/good (so by default
   90% of train/good trains the model and fills the memory bank).
 """
