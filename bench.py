@@ -42,7 +42,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from patch_ae import (BACKBONES, Category, Config, Encoder, UsageError, atomic_save, build_memory_bank, check_config,
                       compute_metrics, extract_features, fit, fmt, greedy_coreset, knn_budget_mb, knn_scores,
                       load_backbone, load_category, make_synthetic_category, pick_device, score_images,
-                      seed_everything, sync)
+                      seed_everything, clock)
 
 MB = 2**20
 KNN_FORMS = ("mm", "cdist")  # the two forms of patch_ae.knn_scores
@@ -95,14 +95,8 @@ class PatchCoreFeatures(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Clocks and memory meters
+# Memory meters (times come from patch_ae.clock)
 # ----------------------------------------------------------------------------------------------
-def clock(device: torch.device) -> float:
-    """Wall time once the device has finished its queued work (CUDA runs asynchronously)."""
-    sync(device)
-    return time.perf_counter()
-
-
 class MemoryMeter:
     """Peak memory of one phase. CUDA: torch.cuda.max_memory_allocated (tensors only). CPU on Linux:
     the process's peak RSS (VmHWM), reset to the current RSS at the start of each phase by writing 5

@@ -180,10 +180,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a clock read after it is honest. CUDA only."""
+def clock(device: torch.device) -> float:
+    """Wall time once the device has finished its queued work (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def seed_everything(seed: int) -> None:
@@ -651,9 +652,10 @@ def image_scores(patch_scores: torch.Tensor, nn_idx: torch.Tensor, queries: torc
     s, worst = patch_scores.max(1)                                   # (N,), (N,)
     if mode == "max":
         return s
-    m_star = nn_idx.view(len(patch_scores), -1)[torch.arange(len(s), device=s.device), worst]  # (N,)
+    rows = torch.arange(len(s), device=s.device)
+    m_star = nn_idx.view(len(s), -1)[rows, worst]                    # (N,)
     _, nb = knn_scores(bank[m_star], bank, k=min(b, len(bank)))      # N_b(m*) (m* itself first)
-    q = queries.view(len(s), -1, queries.shape[-1])[torch.arange(len(s), device=s.device), worst]  # (N, D)
+    q = queries.view(len(s), -1, queries.shape[-1])[rows, worst]     # (N, D)
     d = (q[:, None, :] - bank[nb]).norm(dim=-1)                      # (N, b)
     return (1 - torch.softmax(d, dim=1)[:, 0]) * s
 
@@ -678,21 +680,19 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
         encoder.eval()
     progress, scores, maps = Progress(desc, len(images), "img"), [], []
 
-    def clock() -> float:  # with `times`, wait for the GPU so that each stage gets its own seconds
-        if times is not None:
-            sync(device)
-        return time.perf_counter()
+    def now() -> float:  # with `times`, wait for the GPU at each stage's end: each stage gets its own seconds
+        return clock(device) if times is not None else time.perf_counter()
     for batch in images.split(batch_size):
-        t0 = clock()
+        t0 = now()
         r = encoder(normalize(batch.to(device).float() / 255))          # (B, C, h, w)
-        t1 = clock()
+        t1 = now()
         q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
         d, idx = knn_scores(q, bank, memory_mb=memory_mb, method=method)  # (B*h*w, 1)
         patch = d.view(len(batch), -1)
         scores.append(image_scores(patch, idx, q, bank, image_score).cpu())
-        t2 = clock()
+        t2 = now()
         maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())
-        t3 = clock()
+        t3 = now()
         if times is not None:
             for stage, seconds in (("features", t1 - t0), ("knn", t2 - t1), ("map", t3 - t2)):
                 times[stage] = times.get(stage, 0.0) + seconds
@@ -870,15 +870,13 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
     print(f"training on {len(train)} images, {len(held)} held out for the threshold", flush=True)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
-    sync(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     train_patch_ae(model, train, cfg, device)
     encoder = model.encoder.eval()
-    sync(device)
-    t1 = time.perf_counter()
+    t1 = clock(device)
     bank = build_memory_bank(extract_features(encoder, train, cfg.batch_size, device), cfg.coreset_ratio, seed)
-    sync(device)
-    train_seconds, bank_seconds = time.perf_counter() - t0, time.perf_counter() - t1
+    t2 = clock(device)
+    train_seconds, bank_seconds = t2 - t0, t2 - t1
     print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {bank_seconds:.1f}s; "
           f"training + bank {train_seconds:.1f}s", flush=True)
     threshold, map_range = None, None
@@ -893,12 +891,10 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
 
 
 def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out: Path) -> dict:
-    sync(device)
-    t0 = time.perf_counter()
+    t0 = clock(device)
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size, device, cfg.image_score,
                                 cfg.knn_memory_mb, desc="test")
-    sync(device)
-    ms = (time.perf_counter() - t0) / len(data.test) * 1000
+    ms = (clock(device) - t0) / len(data.test) * 1000
     result = compute_metrics(data.labels, scores, data.masks, maps)
     thr = model["threshold"]
     result["threshold"] = thr
