@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
 BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
@@ -97,7 +97,22 @@ class Config:
     crop_size: int = field(default=224, metadata={"help": "centre crop, a multiple of 8 (PatchCore: 224)"})
     epochs: int = field(default=50, metadata={"help": "training epochs (paper: not stated)"})
     batch_size: int = field(default=16, metadata={"help": "training and inference batch size"})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate (paper: not stated)"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the new layers (paper: not stated)"})
+    backbone_lr: float = field(default=1.0, metadata={
+        "help": "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)"})
+    freeze: str = field(default="none", metadata={
+        "help": "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
+        "choices": ("none", "stem", "layer2")})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "'constant', or 'cosine' decay to 0 over --epochs", "choices": ("constant", "cosine")})
+    clip_grad: float = field(default=0.0, metadata={"help": "clip the gradients' total L2 norm to this; 0 = off"})
+    norm_eps: float = field(default=1e-6, metadata={
+        "help": "eps of norm() in Eq. 3: patch standardisation divides by sqrt(var + eps)"})
+    select: str = field(default="best", metadata={
+        "help": "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' epoch",
+        "choices": ("best", "last")})
+    val_every: int = field(default=1, metadata={
+        "help": "validate every this many epochs (and before the first and after the last)"})
     alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
     feat_dim: int = field(default=0, metadata={"help": "c3, feature size after the 1x1 convs (Sec. 2.3), "
                                                        "< c1+c2; 0 = (c1+c2)/3"})
@@ -142,7 +157,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 def check_config(cfg: Config) -> None:
     """Raises UsageError, naming the flag, for a value that makes no sense."""
     checks = [(cfg.epochs >= 0, "--epochs must be >= 0"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-              (cfg.lr > 0, "--lr must be > 0"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
+              (cfg.lr > 0, "--lr must be > 0"), (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
+              (cfg.clip_grad >= 0, "--clip-grad must be >= 0 (0 = off)"), (cfg.norm_eps > 0, "--norm-eps must be > 0"),
+              (cfg.val_every >= 1, "--val-every must be >= 1"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
               (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
               (0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
               (0 < cfg.threshold_quantile <= 1, "--threshold-quantile must be in (0, 1]"),
@@ -195,7 +212,7 @@ def seed_everything(seed: int) -> None:
 
 class Progress:
     """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end
-    unless final=False (when the caller prints its own summary)."""
+    unless final=False (when the caller prints its own summary); nothing when desc is empty."""
 
     def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0, final: bool = True):
         self.desc, self.total, self.unit, self.every, self.final = desc, total, unit, every, final
@@ -205,7 +222,7 @@ class Progress:
     def update(self, n: int = 1) -> None:
         self.done += n
         now = time.perf_counter()
-        if now - self.last >= self.every or (self.final and self.done >= self.total):
+        if self.desc and (now - self.last >= self.every or (self.final and self.done >= self.total)):
             self.last, rate = now, self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / max(rate, 1e-9)
             print(f"  {self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, ETA {eta:.0f}s",
@@ -254,6 +271,7 @@ class Category:
     labels: np.ndarray             # (M,) 1 = defect
     masks: torch.Tensor | None     # (M, S, S) bool, None when the category has no ground_truth folder
     test_paths: list[Path]
+    validation: torch.Tensor | None = None  # (V, 3, S, S) uint8 normal images the dataset holds out itself
 
 
 def load_category(root: Path, category: str, image_size: int, crop_size: int) -> Category:
@@ -299,6 +317,38 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int) ->
     return Category(train, test, labels, masks, test_paths)
 
 
+DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
+
+
+def draw_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) float in [0, 1] -> (a copy with one defect, bool (H, W) mask). The synthetic
+    category's test defects and the validation defects on held-out normal images (training):
+    a thin straight scratch, an irregular blob of a foreign colour, or a soft stain."""
+    size = max(img.shape[:2])
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32) / size
+    cy, cx = rng.uniform(0.2, 0.8, 2)
+    if kind == "scratch":  # bright or dark line, 2-4 px wide, a quarter to half the image long
+        ang, length, width = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5), rng.uniform(1.2, 2.2) / size
+        t = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
+        n = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
+        mask = (np.abs(t) < length / 2) & (np.abs(n) < width)
+        colour = rng.choice([0.05, 0.95])
+    elif kind == "blob":  # filled ellipse with a wobbly edge, radius 4-9% of the image
+        ry, rx = rng.uniform(0.04, 0.09, 2)
+        wobble = 1 + 0.25 * np.sin(5 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble
+        colour = rng.uniform(0, 1, 3) * [0.4, 0.8, 1.0]
+    elif kind == "stain":  # soft darkening (Gaussian, radius 6-12%), masked where it is noticeable
+        r = rng.uniform(0.06, 0.12)
+        soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        return img * (1 - 0.55 * soft[..., None]), soft > 0.3
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; one of {DEFECT_KINDS}")
+    img = img.copy()
+    img[mask] = colour
+    return img, mask
+
+
 def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train: int = 60,
                             n_test_good: int = 16, n_test_defect: int = 8) -> Path:
     """Writes root/synthetic in MVTec layout: a woven texture with random phase and tint; test
@@ -321,28 +371,6 @@ def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train:
         tint = np.array([0.85, 0.7, 0.5]) + rng.normal(0, 0.015, 3)
         return np.clip(v[..., None] * tint * 1.3, 0, 1)
 
-    def defect(img, kind):
-        cy, cx = rng.uniform(0.2, 0.8, 2)
-        if kind == "scratch":  # thin bright or dark line at a random angle
-            ang, length, width = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5), rng.uniform(1.2, 2.2) / size
-            t = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
-            n = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
-            mask = (np.abs(t) < length / 2) & (np.abs(n) < width)
-            colour = rng.choice([0.05, 0.95])
-        elif kind == "blob":  # irregular filled ellipse of a foreign colour
-            ry, rx = rng.uniform(0.04, 0.09, 2)
-            wobble = 1 + 0.25 * np.sin(5 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
-            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble
-            colour = rng.uniform(0, 1, 3) * [0.4, 0.8, 1.0]
-        else:  # stain: soft darkened patch, mask where it is noticeable
-            r = rng.uniform(0.06, 0.12)
-            soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-            mask = soft > 0.3
-            return img * (1 - 0.55 * soft[..., None]), mask
-        img = img.copy()
-        img[mask] = colour
-        return img, mask
-
     def save(arr, path, mode="RGB"):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode).save(path)
@@ -350,9 +378,9 @@ def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train:
         save(texture(), base / "train" / "good" / f"{i:03d}.png")
     for i in range(n_test_good):
         save(texture(), base / "test" / "good" / f"{i:03d}.png")
-    for kind in ("scratch", "blob", "stain"):
+    for kind in DEFECT_KINDS:
         for i in range(n_test_defect):
-            img, mask = defect(texture(), kind)
+            img, mask = draw_defect(texture(), kind, rng)
             save(img, base / "test" / kind / f"{i:03d}.png")
             save(mask.astype(np.float32), base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
     marker.write_text(stamp)
@@ -522,32 +550,139 @@ def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float, stride: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: end to end on CutPaste-augmented normal images
+# Training: end to end on CutPaste-augmented normal images, validated on held-out normal images
+# that get defects training never sees; the encoder of the best validated epoch is kept
 # ----------------------------------------------------------------------------------------------
-def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: torch.device) -> float:
-    """images: (N, 3, S, S) uint8 normal images. Returns the final epoch's mean loss."""
+VAL_BANK_IMAGES, VAL_BANK_ROWS = 64, 16384  # validation bank: random patch rows of some training images
+
+
+@dataclass
+class Validation:
+    images: torch.Tensor   # (V, 3, S, S) uint8: the held-out normal images, then each of them once per defect kind
+    labels: np.ndarray     # (V,) 1 = defect
+    masks: torch.Tensor    # (V, S, S) bool
+    bank_images: torch.Tensor  # (<= 64, 3, S, S) uint8 training images whose patch features form the bank
+    bank_rows: torch.Tensor    # (<= 16384,) rows of their (n*h*w, C) features kept, the same at every epoch
+
+
+def make_validation(held: torch.Tensor, train: torch.Tensor, seed: int) -> Validation:
+    """Held-out normal images -> a labelled validation set: each image as it is and with one scratch,
+    one blob and one stain (draw_defect), with masks. Made once per run, from `seed`."""
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    clean = held.permute(0, 2, 3, 1).numpy() / 255.0                     # (n, S, S, 3) in [0, 1]
+    images, masks = [held], [torch.zeros(len(held), *held.shape[-2:], dtype=torch.bool)]
+    for kind in DEFECT_KINDS:
+        pairs = [draw_defect(img, kind, rng) for img in clean]
+        images.append(torch.from_numpy(np.stack([(a * 255).round() for a, _ in pairs])).to(torch.uint8).permute(0, 3, 1, 2))
+        masks.append(torch.from_numpy(np.stack([m for _, m in pairs])))
+    labels = np.repeat([0] + [1] * len(DEFECT_KINDS), len(held))
+    bank_images = train[torch.randperm(len(train), generator=g)[:VAL_BANK_IMAGES]]
+    h, w = (s // Encoder.stride for s in train.shape[-2:])
+    n_rows = len(bank_images) * h * w
+    rows = torch.randperm(n_rows, generator=g)[:VAL_BANK_ROWS].sort().values
+    return Validation(torch.cat(images).contiguous(), labels, torch.cat(masks), bank_images, rows)
+
+
+def validation_score(metrics: dict) -> float:
+    """What best-epoch selection maximises: the mean of image AUROC and pixel AUPRO on the validation set."""
+    return (metrics["image_auroc"] + metrics["pixel_aupro"]) / 2
+
+
+@torch.no_grad()
+def validate(encoder: Encoder, val: Validation, cfg: Config, device: torch.device) -> dict:
+    """Scores the validation set against a bank of the current encoder's training features; also
+    what the features do: mean ||R||, the share of R's channels that are 0 on every bank image's
+    patch (dead ReLUs), and the mean anomaly map of the held-out normal images (their distance to the bank)."""
+    feats = extract_features(encoder, val.bank_images, cfg.batch_size, device, desc="")  # (n, C, h, w)
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])                        # (n*h*w, C)
+    scores, maps = score_images(encoder, flat[val.bank_rows.to(flat.device)], val.images, cfg.batch_size, device,
+                                cfg.image_score, cfg.knn_memory_mb, desc="")
+    out = compute_metrics(val.labels, scores, val.masks, maps)
+    out["score"] = validation_score(out)
+    out["feature_norm"] = float(flat.norm(dim=1).mean())
+    out["dead_units"] = float((flat.amax(0) <= 0).float().mean())
+    out["normal_distance"] = float(maps[torch.from_numpy(val.labels == 0)].mean())
+    return out
+
+
+def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
+    """Adam: --lr for the new layers (1x1 fusion convs, decoder), --lr x --backbone-lr for the
+    pretrained stages that --freeze leaves trainable; frozen parameters get no gradient at all."""
+    enc = model.encoder
+    frozen = {"none": [], "stem": [enc.stem], "layer2": [enc.stem, enc.layer2]}[cfg.freeze]
+    backbone = [m for m in (enc.stem, enc.layer2, enc.layer3) if cfg.backbone_lr > 0 and m not in frozen]
+    for m in (enc.stem, enc.layer2, enc.layer3):
+        m.requires_grad_(m in backbone)
+    groups = [{"params": [*enc.fuse.parameters(), *model.decoder.parameters()], "lr": cfg.lr}]
+    if backbone:
+        groups.append({"params": [p for m in backbone for p in m.parameters()], "lr": cfg.lr * cfg.backbone_lr})
+    return torch.optim.Adam(groups)
+
+
+def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: torch.device,
+                   val: Validation | None = None) -> dict:
+    """images: (N, 3, S, S) uint8 normal images. Validates before the first epoch, every --val-every
+    epochs and after the last; with --select best the encoder ends in the state of the best validation
+    score (ties: the earlier epoch). Returns the loss per epoch, the validation curve and the selected epoch."""
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    n, start, loss_mean = len(images), time.perf_counter(), float("nan")
+    opt = make_optimizer(model, cfg)
+    n, steps = len(images), math.ceil(len(images) / cfg.batch_size) * cfg.epochs
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731, per optimiser step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.lr_schedule == "cosine" else lambda step: 1.0)
+    losses, curve, best, start, val_seconds = [], [], None, time.perf_counter(), 0.0
+
+    def checkpoint(epoch: int) -> None:
+        nonlocal best, val_seconds
+        t0 = clock(device)
+        row = {"epoch": epoch, "loss": losses[-1] if losses else None, **validate(model.encoder, val, cfg, device)}
+        row["seconds"] = clock(device) - t0
+        val_seconds += row["seconds"]
+        curve.append(row)
+        if best is None or row["score"] > best[0]["score"]:  # strictly better: a tie keeps the earlier epoch
+            best = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+        model.train()
+        print(f"  validation, epoch {epoch}: image AUROC {fmt(row['image_auroc'])}, pixel AUROC "
+              f"{fmt(row['pixel_auroc'])}, AUPRO {fmt(row['pixel_aupro'])}, |R| {row['feature_norm']:.3g}, dead "
+              f"{fmt(row['dead_units'], 0)}%, normal distance {row['normal_distance']:.3g}, {row['seconds']:.1f}s",
+              flush=True)
+    if val is not None:
+        checkpoint(0)
     for epoch in range(1, cfg.epochs + 1):
         t0, total = time.perf_counter(), 0.0
         progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # for slow epochs (CPU)
         for idx in torch.randperm(n).split(cfg.batch_size):
             x = augment(images[idx].float() / 255, cfg.image_size)
             x = normalize(x.to(device))
-            loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride)  # target = the augmented image
+            loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride, cfg.norm_eps)  # target = the augmented image
             if not torch.isfinite(loss):
                 raise UsageError(f"training loss became {loss.item()} at epoch {epoch}; lower --lr "
                                  f"(now {cfg.lr}); nothing was saved by this run")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             opt.step()
+            sched.step()
             total += loss.item() * len(idx)
             progress.update(len(idx))
-        loss_mean, now = total / n, time.perf_counter()
+        losses.append(total / n)
+        now = time.perf_counter()
         eta = (now - start) / epoch * (cfg.epochs - epoch)
-        print(f"  epoch {epoch}/{cfg.epochs}: loss {loss_mean:.4f}, {now - t0:.1f}s, ETA {eta:.0f}s", flush=True)
-    return loss_mean
+        print(f"  epoch {epoch}/{cfg.epochs}: loss {losses[-1]:.4f}, {now - t0:.1f}s, ETA {eta:.0f}s", flush=True)
+        if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+            checkpoint(epoch)
+    selected = cfg.epochs
+    if val is not None and cfg.select == "best":
+        model.encoder.load_state_dict(best[1])
+        selected = best[0]["epoch"]
+    if val is not None:
+        train_seconds = time.perf_counter() - start - val_seconds
+        print(f"selected epoch {selected} ({cfg.select}; best validation score {fmt(best[0]['score'])} at epoch "
+              f"{best[0]['epoch']}); validation {val_seconds:.1f}s = {fmt(val_seconds / max(train_seconds, 1e-9), 0)}% "
+              f"of the training time", flush=True)
+    model.encoder.eval()
+    return {"loss_by_epoch": losses, "validation_curve": curve, "selected_epoch": selected,
+            "validation_seconds": val_seconds}
 
 
 @torch.no_grad()
@@ -763,7 +898,8 @@ def save_model(path: str, cfg: Config, model: dict) -> None:
     """One file with all that scoring needs: encoder weights, memory bank, threshold, config, versions."""
     atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg), "encoder": model["encoder"].state_dict(),
                  "memory_bank": model["bank"].cpu(), "threshold": model["threshold"], "map_range": model["map_range"],
-                 "n_train": model["n_train"], "n_holdout": model["n_holdout"],
+                 "n_train": model["n_train"], "n_holdout": model["n_holdout"], "selected_epoch": model["selected_epoch"],
+                 "validation_curve": model["validation_curve"], "loss_by_epoch": model["loss_by_epoch"],
                  "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}}, Path(path))
     print(f"saved model to {path}")
 
@@ -817,6 +953,48 @@ def save_heatmap(path: Path, image: torch.Tensor, amap: torch.Tensor, vrange: tu
     Image.fromarray(np.concatenate(panels, axis=1)).save(path)
 
 
+def save_training_curve(path: Path, losses: list[float], curve: list[dict], selected: int, title: str) -> None:
+    """PNG of the training: validation metrics (%) by epoch above, training loss below, the selected
+    epoch as a red line through both. Drawn with PIL alone (no plotting package)."""
+    W, H, left, right = 760, 480, 64, 24
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    last = max([len(losses)] + [r["epoch"] for r in curve] + [1])
+    x_of = lambda e: left + (W - left - right) * e / last  # noqa: E731
+    d.text((left, 8), title, fill="black")
+
+    def panel(top: int, bottom: int, series: list, label: str, digits: int) -> None:
+        values = [v for _, points, _ in series for _, v in points]
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        pad = max(hi - lo, 1.0) * 0.05  # keep lines off the frame
+        lo, hi = lo - pad, hi + pad
+        y_of = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)  # noqa: E731
+        d.rectangle((left, top, W - right, bottom), outline="black")
+        for v in np.linspace(lo, hi, 5):  # y grid and labels
+            d.line((left, y_of(v), W - right, y_of(v)), fill=(225, 225, 225))
+            d.text((4, y_of(v) - 6), f"{v:.{digits}f}", fill="black")
+        d.text((left + 4, top + 4), label, fill="black")
+        for k, (name, points, colour) in enumerate(series):
+            if len(points) > 1:
+                d.line([(x_of(e), y_of(v)) for e, v in points], fill=colour, width=2)
+            for e, v in points:
+                d.ellipse((x_of(e) - 2, y_of(v) - 2, x_of(e) + 2, y_of(v) + 2), fill=colour)
+            d.text((W - right - 130, top + 4 + 14 * k), name, fill=colour)
+        d.line((x_of(selected), top, x_of(selected), bottom), fill="red", width=1)
+
+    metrics = [("image AUROC", "image_auroc", "blue"), ("pixel AUROC", "pixel_auroc", "green"),
+               ("pixel AUPRO@30%", "pixel_aupro", "darkorange")]
+    panel(28, 300, [(name, [(r["epoch"], 100 * r[key]) for r in curve if r[key] is not None], colour)
+                    for name, key, colour in metrics], "validation (held-out images + synthetic defects), %", 1)
+    panel(320, 440, [("training loss", list(enumerate(losses, 1)), "dimgray")], "loss (Eq. 3)", 0)
+    for e in np.unique(np.linspace(0, last, min(last, 10) + 1).round().astype(int)):  # x ticks
+        d.text((x_of(e) - 4, 444), str(e), fill="black")
+    d.text((W // 2 - 20, 460), "epoch", fill="black")
+    d.text((x_of(selected) + 4, 304), f"selected: epoch {selected}", fill="red")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
 def fmt(v, digits: int = 1, scale: float = 100) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{digits}f}"
 
@@ -860,18 +1038,25 @@ def print_table(rows: list[dict]) -> None:
 # One run: train, memory bank, threshold, test
 # ----------------------------------------------------------------------------------------------
 def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
-    """Train Patch AE on train/good minus the hold-out; returns encoder, memory bank, threshold, timing."""
+    """Train Patch AE on train/good minus the held-out images, validating on those; then the memory
+    bank and the threshold from the selected encoder. Returns encoder, bank, threshold, curves, timing."""
     seed_everything(seed)
-    order = torch.randperm(len(data.train))
-    n_hold = int(round(len(order) * cfg.holdout))
-    if len(order) - n_hold < 1:
-        raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; lower it")
-    train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
-    print(f"training on {len(train)} images, {len(held)} held out for the threshold", flush=True)
+    if data.validation is not None:  # the dataset holds out its own normal images (MVTec AD 2)
+        train, held = data.train, data.validation
+    else:
+        order = torch.randperm(len(data.train))
+        n_hold = int(round(len(order) * cfg.holdout))
+        if len(order) - n_hold < 1:
+            raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; lower it")
+        train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
+    if not len(held) and cfg.select == "best" and cfg.epochs > 0:
+        raise UsageError("--select best validates on held-out normal images, and --holdout 0 leaves none; "
+                         "pass --holdout > 0, or --select last to keep the last epoch")
+    print(f"training on {len(train)} images, {len(held)} held out for validation and the threshold", flush=True)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
     t0 = clock(device)
-    train_patch_ae(model, train, cfg, device)
+    training = train_patch_ae(model, train, cfg, device, make_validation(held, train, seed) if len(held) else None)
     encoder = model.encoder.eval()
     t1 = clock(device)
     bank = build_memory_bank(extract_features(encoder, train, cfg.batch_size, device), cfg.coreset_ratio, seed)
@@ -887,7 +1072,8 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
         map_range = (float(maps.min()), float(maps.max()))  # heatmap colours: red = above any held-out pixel
         print(f"threshold {threshold:.4f} = {cfg.threshold_quantile:g} quantile of {len(held)} held-out scores")
     return {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": map_range,
-            "n_train": len(train), "n_holdout": len(held), "train_seconds": train_seconds, "bank_seconds": bank_seconds}
+            "n_train": len(train), "n_holdout": len(held), "train_seconds": train_seconds,
+            "bank_seconds": bank_seconds, **training}
 
 
 def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out: Path) -> dict:
@@ -950,7 +1136,9 @@ def run(cfg: Config, given: set) -> list[dict]:
         encoder, blob = load_model(cfg.load, cfg, given)
         model = {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
                  "threshold": blob["threshold"], "map_range": blob["map_range"], "n_train": blob["n_train"],
-                 "n_holdout": blob["n_holdout"], "train_seconds": 0.0, "bank_seconds": 0.0}
+                 "n_holdout": blob["n_holdout"], "selected_epoch": blob.get("selected_epoch"),
+                 "validation_curve": blob.get("validation_curve", []), "loss_by_epoch": blob.get("loss_by_epoch", []),
+                 "train_seconds": 0.0, "bank_seconds": 0.0, "validation_seconds": 0.0}
         cfg.image_score = blob["config"]["image_score"] if "image_score" not in given else cfg.image_score
     weights = "from " + cfg.load if cfg.load else cfg.weights
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -972,8 +1160,15 @@ def run(cfg: Config, given: set) -> list[dict]:
             print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test images", flush=True)
             if not cfg.load:
                 model = fit(cfg, data, seed, device)
+                if model["loss_by_epoch"] or model["validation_curve"]:
+                    save_training_curve(out / f"training_{category}_{seed}.png", model["loss_by_epoch"],
+                                        model["validation_curve"], model["selected_epoch"],
+                                        f"{category}, seed {seed}: {cfg.backbone}, weights {cfg.weights}, "
+                                        f"--select {cfg.select}")
             result = {"category": category, "seed": seed, **evaluate(cfg, model, data, device, out)}
             result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], n_test=len(data.test),
+                          selected_epoch=model["selected_epoch"], validation_curve=model["validation_curve"],
+                          loss_by_epoch=model["loss_by_epoch"], validation_seconds=model["validation_seconds"],
                           train_seconds=model["train_seconds"], bank_seconds=model["bank_seconds"],
                           memory_bank_shape=list(model["bank"].shape),
                           config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__,

@@ -187,6 +187,140 @@ def test_patch_loss_is_zero_for_a_perfect_reconstruction_and_matches_hand_comput
     assert pa.patch_loss(recon, target, alpha=0.3).item() == pytest.approx(expected.item() / 2, rel=1e-5)
 
 
+# ---------------------------------------------------------------- training: optimiser, validation, selection
+def test_validation_set_has_one_defect_of_each_kind_per_held_out_image_with_its_mask():
+    rng = np.random.default_rng(0)
+    held = torch.from_numpy(rng.integers(60, 200, (4, 3, 64, 64), dtype=np.uint8))
+    train = torch.from_numpy(rng.integers(0, 255, (100, 3, 64, 64), dtype=np.uint8))
+    val = pa.make_validation(held, train, seed=0)
+    n = len(held)
+    assert val.images.shape == (4 * n, 3, 64, 64) and val.images.dtype == torch.uint8
+    assert list(val.labels) == [0] * n + [1] * (3 * n)
+    assert torch.equal(val.images[:n], held) and not val.masks[:n].any()
+    for k, kind in enumerate(pa.DEFECT_KINDS):
+        for i in range(n):
+            img, mask = val.images[n * (k + 1) + i].int(), val.masks[n * (k + 1) + i]
+            changed = (img - held[i].int()).abs().amax(0) > 1             # rounding aside
+            assert mask.sum() >= 8, kind
+            if kind == "stain":  # a multiplicative darkening, at least 16% inside the mask
+                ratio = img[:, mask].float() / held[i][:, mask].float()
+                assert (ratio <= 0.85).all() and (img <= held[i].int() + 1).all()
+            else:  # one foreign colour painted exactly on the mask: not image content moved, as CutPaste does
+                assert torch.equal(changed & ~mask, torch.zeros_like(mask)) and changed[mask].float().mean() > 0.9
+                assert (img[:, mask] == img[:, mask][:, :1]).all()
+    # the bank: at most VAL_BANK_IMAGES training images and VAL_BANK_ROWS of their patch rows, all distinct
+    assert len(val.bank_images) == pa.VAL_BANK_IMAGES == 64 and len(val.bank_rows) == 64 * 8 * 8  # < VAL_BANK_ROWS
+    assert len(val.bank_rows.unique()) == len(val.bank_rows) and int(val.bank_rows.max()) < pa.VAL_BANK_IMAGES * 64
+    again = pa.make_validation(held, train, seed=0)
+    assert torch.equal(again.images, val.images) and torch.equal(again.bank_rows, val.bank_rows)
+    assert not torch.equal(pa.make_validation(held, train, seed=1).images, val.images)
+
+
+def test_optimiser_groups_follow_freeze_and_backbone_lr():
+    def trainable_and_lrs(**kw):
+        model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
+        opt = pa.make_optimizer(model, pa.Config(lr=1e-3, **kw))
+        enc = model.encoder
+        parts = {"stem": enc.stem, "layer2": enc.layer2, "layer3": enc.layer3, "fuse": enc.fuse, "dec": model.decoder}
+        trainable = {k for k, m in parts.items() if all(p.requires_grad for p in m.parameters())}
+        in_opt = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        lrs = {k: {in_opt.get(id(p)) for p in m.parameters()} for k, m in parts.items()}
+        return trainable, lrs
+    trainable, lrs = trainable_and_lrs()
+    assert trainable == {"stem", "layer2", "layer3", "fuse", "dec"} and all(v == {1e-3} for v in lrs.values())
+    trainable, lrs = trainable_and_lrs(freeze="stem", backbone_lr=0.1)
+    assert trainable == {"layer2", "layer3", "fuse", "dec"}
+    assert lrs["stem"] == {None} and lrs["layer2"] == lrs["layer3"] == {1e-3 * 0.1}
+    assert lrs["fuse"] == lrs["dec"] == {1e-3}
+    trainable, lrs = trainable_and_lrs(freeze="layer2")
+    assert trainable == {"layer3", "fuse", "dec"}
+    trainable, _ = trainable_and_lrs(backbone_lr=0.0)
+    assert trainable == {"fuse", "dec"}
+
+
+def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(synthetic_root):
+    torch.manual_seed(0)
+    images = pa.load_category(synthetic_root, "synthetic", 32, 32).train[:8]
+    model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
+    stem, layer3 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model.encoder.stem, model.encoder.layer3)]
+    seen = []
+    original_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):  # record the learning rate of every optimiser step
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *a, **k)
+    cfg = pa.Config(epochs=3, batch_size=4, image_size=32, crop_size=32, freeze="stem", lr_schedule="cosine", lr=1e-3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", step)
+        result = pa.train_patch_ae(model, images, cfg, torch.device("cpu"))
+    assert all(torch.equal(v, model.encoder.stem.state_dict()[k]) for k, v in stem.items())
+    assert any(not torch.equal(v, model.encoder.layer3.state_dict()[k]) for k, v in layer3.items())
+    assert len(seen) == 6 and seen[0] == pytest.approx(1e-3) and seen[-1] < 0.1 * 1e-3
+    assert all(a > b for a, b in zip(seen, seen[1:]))                   # decays at every step
+    assert result["selected_epoch"] == 3 and result["validation_curve"] == [] and len(result["loss_by_epoch"]) == 3
+
+
+@pytest.mark.parametrize("select,expected", [("best", 2), ("last", 4)])
+def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, select, expected):
+    """A fake validation curve 0.5, 0.7, 0.9, 0.9, 0.6 (epochs 0-4): best keeps epoch 2 (the tie at 3 goes
+    to the earlier epoch), last keeps epoch 4; the encoder holds exactly that epoch's weights."""
+    data = pa.load_category(synthetic_root, "synthetic", 32, 32)
+    fake, states = [0.5, 0.7, 0.9, 0.9, 0.6], []
+
+    def validate(encoder, val, cfg, device):
+        states.append({k: v.clone() for k, v in encoder.state_dict().items()})
+        return {"image_auroc": 0.0, "pixel_auroc": None, "pixel_aupro": 0.0, "score": fake[len(states) - 1],
+                "feature_norm": 1.0, "dead_units": 0.0, "normal_distance": 1.0}
+    monkeypatch.setattr(pa, "validate", validate)
+    cfg = pa.Config(epochs=4, batch_size=16, image_size=32, crop_size=32, backbone="resnet18", weights="none",
+                    select=select, lr=1e-3)
+    model = pa.fit(cfg, data, 0, torch.device("cpu"))
+    assert model["selected_epoch"] == expected and [r["epoch"] for r in model["validation_curve"]] == [0, 1, 2, 3, 4]
+    assert [r["score"] for r in model["validation_curve"]] == fake and len(model["loss_by_epoch"]) == 4
+    final = model["encoder"].state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[expected].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[0].items())  # training did change the weights
+
+
+def test_validation_every_n_epochs_and_after_the_last(synthetic_root, monkeypatch):
+    data = pa.load_category(synthetic_root, "synthetic", 32, 32)
+    calls = []
+    monkeypatch.setattr(pa, "validate", lambda *a: calls.append(1) or {
+        "image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_aupro": 1.0, "score": 1.0, "feature_norm": 1.0,
+        "dead_units": 0.0, "normal_distance": 1.0})
+    cfg = pa.Config(epochs=5, val_every=2, image_size=32, crop_size=32, backbone="resnet18", weights="none")
+    model = pa.fit(cfg, data, 0, torch.device("cpu"))
+    assert [r["epoch"] for r in model["validation_curve"]] == [0, 2, 4, 5] and model["selected_epoch"] == 0
+
+
+def test_zero_epochs_selects_epoch_0_and_the_model_file_keeps_the_selection(synthetic_root, tmp_path, capsys):
+    model = tmp_path / "m.pt"
+    trained = run_main(TINY[:-1] + ["0", "--save", str(model)], tmp_path / "a", synthetic_root)
+    printed = capsys.readouterr().out
+    assert trained["selected_epoch"] == 0 and [r["epoch"] for r in trained["validation_curve"]] == [0]
+    assert "validation, epoch 0: image AUROC" in printed and "selected epoch 0" in printed
+    assert trained["loss_by_epoch"] == [] and (tmp_path / "a" / "out" / "training_synthetic_0.png").is_file()
+    blob = torch.load(model, weights_only=True)
+    assert blob["selected_epoch"] == 0 and blob["validation_curve"] == trained["validation_curve"]
+    loaded = run_main(["--load", str(model)], tmp_path / "b", synthetic_root)
+    assert loaded["selected_epoch"] == 0 and loaded["validation_curve"] == trained["validation_curve"]
+
+
+def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, tmp_path):
+    argv = ["--data-root", str(synthetic_root), "--category", "synthetic", "--out", str(tmp_path), *TINY, "--holdout", "0"]
+    expect_error(capsys, argv, "--select best", "--holdout 0", "--select last")
+    assert pa.main(argv + ["--select", "last"])[0]["selected_epoch"] == 1
+
+
+def test_validation_uses_the_datasets_own_held_out_images(synthetic_root):
+    """A dataset that ships held-out normal images (MVTec AD 2's validation/good): all of train/good trains."""
+    data = pa.load_category(synthetic_root, "synthetic", 32, 32)
+    data.validation = data.train[:5]
+    cfg = pa.Config(epochs=0, image_size=32, crop_size=32, backbone="resnet18", weights="none")
+    model = pa.fit(cfg, data, 0, torch.device("cpu"))
+    assert model["n_train"] == 60 and model["n_holdout"] == 5 and model["threshold"] is not None
+
+
 # ---------------------------------------------------------------- memory bank, kNN, maps, metrics
 def test_coreset_returns_the_requested_count_and_covers_better_than_random():
     torch.manual_seed(0)
