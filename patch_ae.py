@@ -111,6 +111,9 @@ class Config:
     select: str = field(default="best", metadata={
         "help": "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' epoch",
         "choices": ("best", "last")})
+    val_tolerance: float = field(default=0.01, metadata={
+        "help": "with --select best, a later epoch replaces the kept one only if its validation score is higher "
+                "by more than this (near-ties keep the earlier, less trained encoder)"})
     val_every: int = field(default=1, metadata={
         "help": "validate every this many epochs (and before the first and after the last)"})
     alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
@@ -159,7 +162,7 @@ def check_config(cfg: Config) -> None:
     checks = [(cfg.epochs >= 0, "--epochs must be >= 0"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
               (cfg.lr > 0, "--lr must be > 0"), (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
               (cfg.clip_grad >= 0, "--clip-grad must be >= 0 (0 = off)"), (cfg.norm_eps > 0, "--norm-eps must be > 0"),
-              (cfg.val_every >= 1, "--val-every must be >= 1"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
+              (cfg.val_every >= 1, "--val-every must be >= 1"), (cfg.val_tolerance >= 0, "--val-tolerance must be >= 0"), (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
               (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
               (0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
               (0 < cfg.threshold_quantile <= 1, "--threshold-quantile must be in (0, 1]"),
@@ -584,8 +587,9 @@ def make_validation(held: torch.Tensor, train: torch.Tensor, seed: int) -> Valid
 
 
 def validation_score(metrics: dict) -> float:
-    """What best-epoch selection maximises: the mean of image AUROC and pixel AUPRO on the validation set."""
-    return (metrics["image_auroc"] + metrics["pixel_aupro"]) / 2
+    """What best-epoch selection maximises: the mean of image AUROC (the paper's metric; few normal
+    images, so coarse) and pixel AUROC (every pixel of every validation image) on the validation set."""
+    return (metrics["image_auroc"] + metrics["pixel_auroc"]) / 2
 
 
 @torch.no_grad()
@@ -623,7 +627,8 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
                    val: Validation | None = None) -> dict:
     """images: (N, 3, S, S) uint8 normal images. Validates before the first epoch, every --val-every
     epochs and after the last; with --select best the encoder ends in the state of the best validation
-    score (ties: the earlier epoch). Returns the loss per epoch, the validation curve and the selected epoch."""
+    score (within --val-tolerance: the earlier epoch). Returns the loss per epoch, the validation curve and
+    the selected epoch."""
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     n, steps = len(images), math.ceil(len(images) / cfg.batch_size) * cfg.epochs
@@ -638,7 +643,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
         row["seconds"] = clock(device) - t0
         val_seconds += row["seconds"]
         curve.append(row)
-        if best is None or row["score"] > best[0]["score"]:  # strictly better: a tie keeps the earlier epoch
+        if best is None or row["score"] > best[0]["score"] + cfg.val_tolerance:  # else the earlier epoch stays
             best = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
         model.train()
         print(f"  validation, epoch {epoch}: image AUROC {fmt(row['image_auroc'])}, pixel AUROC "

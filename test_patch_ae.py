@@ -260,12 +260,17 @@ def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(syntheti
     assert result["selected_epoch"] == 3 and result["validation_curve"] == [] and len(result["loss_by_epoch"]) == 3
 
 
-@pytest.mark.parametrize("select,expected", [("best", 2), ("last", 4)])
-def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, select, expected):
-    """A fake validation curve 0.5, 0.7, 0.9, 0.9, 0.6 (epochs 0-4): best keeps epoch 2 (the tie at 3 goes
-    to the earlier epoch), last keeps epoch 4; the encoder holds exactly that epoch's weights."""
+@pytest.mark.parametrize("fake,select,tolerance,expected", [
+    ([0.5, 0.7, 0.9, 0.9, 0.6], "best", 0.0, 2),     # the tie at 3 goes to the earlier epoch
+    ([0.5, 0.7, 0.9, 0.9, 0.6], "last", 0.0, 4),
+    ([0.8, 0.805, 0.809, 0.6, 0.81], "best", 0.01, 0),  # no epoch beats epoch 0 by more than 0.01
+    ([0.8, 0.805, 0.809, 0.6, 0.81], "best", 0.0, 4),
+    ([0.8, 0.805, 0.812, 0.6, 0.82], "best", 0.01, 2)])  # 0.812 > 0.81; 0.82 is not above 0.822
+def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, fake, select, tolerance,
+                                                                 expected):
+    """A fake validation curve over epochs 0-4; the encoder ends with exactly the selected epoch's weights."""
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
-    fake, states = [0.5, 0.7, 0.9, 0.9, 0.6], []
+    states = []
 
     def validate(encoder, val, cfg, device):
         states.append({k: v.clone() for k, v in encoder.state_dict().items()})
@@ -273,13 +278,13 @@ def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, 
                 "feature_norm": 1.0, "dead_units": 0.0, "normal_distance": 1.0}
     monkeypatch.setattr(pa, "validate", validate)
     cfg = pa.Config(epochs=4, batch_size=16, image_size=32, crop_size=32, backbone="resnet18", weights="none",
-                    select=select, lr=1e-3)
+                    select=select, val_tolerance=tolerance, lr=1e-3)
     model = pa.fit(cfg, data, 0, torch.device("cpu"))
     assert model["selected_epoch"] == expected and [r["epoch"] for r in model["validation_curve"]] == [0, 1, 2, 3, 4]
     assert [r["score"] for r in model["validation_curve"]] == fake and len(model["loss_by_epoch"]) == 4
     final = model["encoder"].state_dict()
     assert all(torch.equal(final[k], v) for k, v in states[expected].items())
-    assert not all(torch.equal(final[k], v) for k, v in states[0].items())  # training did change the weights
+    assert not all(torch.equal(final[k], v) for k, v in states[4].items()) or expected == 4  # the weights moved
 
 
 def test_validation_every_n_epochs_and_after_the_last(synthetic_root, monkeypatch):
