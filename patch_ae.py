@@ -423,18 +423,17 @@ def load_backbone(name: str, weights: str) -> nn.Module:
         return build(weights=None)
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        try:
-            state = enum.get_state_dict(progress=False)  # reads $TORCH_HOME/hub/checkpoints first
+        try:  # torchvision's own loader: reads $TORCH_HOME/hub/checkpoints first, renames DenseNet's legacy keys
+            return build(weights=enum, progress=False)
         except Exception as e:  # offline, proxy, corrupt file: all end the same way for the user
             folder = Path(torch.hub.get_dir()) / "checkpoints"
             raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__}); put "
                              f"{Path(enum.url).name} (from {enum.url}) into {folder}, or pass --weights none") from None
-    else:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"--weights {weights}: cannot read a state_dict ({type(e).__name__}: {e})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--weights {weights}: cannot read a state_dict ({type(e).__name__}: {e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
     model = build(weights=None)
     try:
         model.load_state_dict(state)

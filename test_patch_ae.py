@@ -450,3 +450,34 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
+
+
+# ---------------------------------------------------------------- review findings (issue 8): bugs, and
+# tests that fail on code that is wrong in ways the tests above let pass
+def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_path, monkeypatch):
+    # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
+    # (from before '.' was forbidden in module names); only torchvision's builder renames them.
+    # bench.py's --baseline ensemble loads densenet201 this way.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    enum = torchvision.models.DenseNet201_Weights.IMAGENET1K_V1
+    ckpt = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    ckpt.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = torchvision.models.densenet201().state_dict()
+    legacy = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # the legacy files predate this buffer
+        for part in ("norm1", "norm2", "conv1", "conv2"):  # only dense layers have numbered parts
+            key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        legacy[key] = value
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    torch.save(legacy, ckpt)
+    model = pa.load_backbone("densenet201", "imagenet").state_dict()
+    for key in ("features.denseblock1.denselayer1.norm1.weight", "features.denseblock4.denselayer32.conv2.weight",
+                "features.transition3.norm.running_var", "classifier.bias"):
+        assert torch.equal(model[key], state[key]), key
+    weights_file = tmp_path / "densenet.pt"  # --weights PATH still takes a current state_dict
+    torch.save(state, weights_file)
+    assert torch.equal(pa.load_backbone("densenet201", str(weights_file)).features.conv0.weight,
+                       state["features.conv0.weight"])
