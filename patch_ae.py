@@ -220,15 +220,28 @@ MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defe
 
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
-    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop."""
+    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop.
+    Deep greyscale to 8 bit: integer modes (16-bit, and 32-bit 'I', as which older Pillow opens 16-bit
+    PNGs) by the full 16-bit range, 0..65535 -> 0..255, the same for every image; float ('F') images
+    with every value in [0, 1] times 255, any other float image min-max per image (no common range).
+    A deep mask: every non-zero pixel is a defect."""
     try:
         img = Image.open(path)
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the file") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale -> 8 bit
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+        lo, hi = a.min(), a.max()
+        if mask:                           # a mask pixel is a defect when it is non-zero, at any depth
+            a = (a > 0) * 255.0
+        elif img.mode != "F":              # 16-bit range: 65535 -> 255
+            a = a / 257.0
+        elif lo >= 0 and hi <= 1:
+            a = a * 255.0
+        else:
+            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     img = img.convert("L" if mask else "RGB")
     interp = TF.InterpolationMode.NEAREST if mask else TF.InterpolationMode.BILINEAR
     img = TF.center_crop(TF.resize(img, image_size, interpolation=interp), crop_size)

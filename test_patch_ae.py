@@ -481,3 +481,25 @@ def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_pa
     torch.save(state, weights_file)
     assert torch.equal(pa.load_backbone("densenet201", str(weights_file)).features.conv0.weight,
                        state["features.conv0.weight"])
+
+
+def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
+    halves = np.full((40, 60), 10.0, np.float32)
+    halves[:, 30:] = 1000.0
+    deep_mask = np.zeros((40, 60), np.uint16)
+    deep_mask[:, 30:] = 1  # a 16-bit label mask: 1 = defect
+    cases = {"unit.tif": np.full((40, 60), 0.5, np.float32),        # float in [0, 1]: x 255 -> 128 (not 0)
+             "halves.tif": halves,                                  # other floats: min-max -> 0 | 255
+             "deep.png": np.full((40, 60), 257 * 100, np.uint16),   # 16 bit: / 257 -> 100
+             "dark.png": np.full((40, 60), 200, np.uint16)}         # the same scale for a dark image: 1
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    read = {name: pa.read_image(tmp_path / name, 36, 32) for name in cases}
+    assert int(read["unit.tif"].min()) == int(read["unit.tif"].max()) == 128
+    assert (read["halves.tif"][:, :, :4] == 0).all() and (read["halves.tif"][:, :, -4:] == 255).all()
+    assert int(read["deep.png"].min()) == int(read["deep.png"].max()) == 100
+    assert int(read["dark.png"].min()) == int(read["dark.png"].max()) == 1
+    Image.fromarray(deep_mask).save(tmp_path / "mask.png")
+    mask = pa.read_image(tmp_path / "mask.png", 36, 32, mask=True)
+    assert mask[:, -4:].all() and not mask[:, :4].any()
