@@ -284,7 +284,12 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int) ->
         raise UsageError(f"{base / 'test'}: no images; expected test/<good|defect_type>/*.png")
     # Masks are matched by name: ground_truth/<type>/<stem>_mask.png belongs to test/<type>/<stem>.*
     gt = base / "ground_truth"
-    mask_of = {(p.parent.name, p.stem[:-5]): p for p in sorted(gt.glob("*/*_mask.*"))} if gt.is_dir() else None
+    mask_of = {} if gt.is_dir() else None
+    for p in sorted(gt.glob("*/*_mask.*")):  # none without a ground_truth folder
+        key = (p.parent.name, p.stem[:-5])
+        if key in mask_of:  # 003_mask.png and 003_mask.bmp: which one is meant cannot be guessed
+            raise UsageError(f"{mask_of[key]} and {p}: two masks for {base / 'test' / key[0] / key[1]}.*; keep one")
+        mask_of[key] = p
     if mask_of is not None:
         defects = {(p.parent.name, p.stem) for p in test_paths if p.parent.name != "good"}
         orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))

@@ -503,3 +503,12 @@ def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
     Image.fromarray(deep_mask).save(tmp_path / "mask.png")
     mask = pa.read_image(tmp_path / "mask.png", 36, 32, mask=True)
     assert mask[:, -4:].all() and not mask[:, :4].any()
+
+
+def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):
+    gt = data_root / "synthetic" / "ground_truth" / "blob"
+    Image.open(gt / "003_mask.png").save(gt / "003_mask.bmp")
+    with pytest.raises(pa.UsageError) as e:
+        pa.load_category(data_root, "synthetic", 64, 64)
+    assert f"{gt / '003_mask.bmp'} and {gt / '003_mask.png'}: two masks for" in str(e.value)
+    assert "keep one" in str(e.value)
