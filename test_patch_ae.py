@@ -317,11 +317,16 @@ def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_pat
                                                                  ("synthetic", 1)]
 
 
-def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypatch):
+def checkpoint_in_torch_home(tmp_path, monkeypatch, weights) -> Path:
+    """The file torchvision reads `weights` from offline, under a temporary $TORCH_HOME."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    ckpt = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    ckpt = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
     ckpt.parent.mkdir(parents=True)
+    return ckpt
+
+
+def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypatch):
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     torch.manual_seed(0)
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, ckpt)
@@ -459,10 +464,7 @@ def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_pa
     # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
     # (from before '.' was forbidden in module names); only torchvision's builder renames them.
     # bench.py's --baseline ensemble loads densenet201 this way.
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    enum = torchvision.models.DenseNet201_Weights.IMAGENET1K_V1
-    ckpt = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
-    ckpt.parent.mkdir(parents=True)
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.DenseNet201_Weights.IMAGENET1K_V1)
     torch.manual_seed(0)
     state = torchvision.models.densenet201().state_dict()
     legacy = {}
