@@ -240,15 +240,28 @@ MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defe
 
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
-    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop."""
+    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop.
+    Deep greyscale to 8 bit: integer modes (16-bit, and 32-bit 'I', as which older Pillow opens 16-bit
+    PNGs) by the full 16-bit range, 0..65535 -> 0..255, the same for every image; float ('F') images
+    with every value in [0, 1] times 255, any other float image min-max per image (no common range).
+    A deep mask: every non-zero pixel is a defect."""
     try:
         img = Image.open(path)
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the file") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float greyscale -> 8 bit
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(a / (257.0 if a.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+        lo, hi = a.min(), a.max()
+        if mask:                           # a mask pixel is a defect when it is non-zero, at any depth
+            a = (a > 0) * 255.0
+        elif img.mode != "F":              # 16-bit range: 65535 -> 255
+            a = a / 257.0
+        elif lo >= 0 and hi <= 1:
+            a = a * 255.0
+        else:
+            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     img = img.convert("L" if mask else "RGB")
     interp = TF.InterpolationMode.NEAREST if mask else TF.InterpolationMode.BILINEAR
     img = TF.center_crop(TF.resize(img, image_size, interpolation=interp), crop_size)
@@ -292,7 +305,12 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int) ->
         raise UsageError(f"{base / 'test'}: no images; expected test/<good|defect_type>/*.png")
     # Masks are matched by name: ground_truth/<type>/<stem>_mask.png belongs to test/<type>/<stem>.*
     gt = base / "ground_truth"
-    mask_of = {(p.parent.name, p.stem[:-5]): p for p in sorted(gt.glob("*/*_mask.*"))} if gt.is_dir() else None
+    mask_of = {} if gt.is_dir() else None
+    for p in sorted(gt.glob("*/*_mask.*")):  # none without a ground_truth folder
+        key = (p.parent.name, p.stem[:-5])
+        if key in mask_of:  # 003_mask.png and 003_mask.bmp: which one is meant cannot be guessed
+            raise UsageError(f"{mask_of[key]} and {p}: two masks for {base / 'test' / key[0] / key[1]}.*; keep one")
+        mask_of[key] = p
     if mask_of is not None:
         defects = {(p.parent.name, p.stem) for p in test_paths if p.parent.name != "good"}
         orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))
@@ -454,18 +472,17 @@ def load_backbone(name: str, weights: str) -> nn.Module:
         return build(weights=None)
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        try:
-            state = enum.get_state_dict(progress=False)  # reads $TORCH_HOME/hub/checkpoints first
+        try:  # torchvision's own loader: reads $TORCH_HOME/hub/checkpoints first, renames DenseNet's legacy keys
+            return build(weights=enum, progress=False)
         except Exception as e:  # offline, proxy, corrupt file: all end the same way for the user
             folder = Path(torch.hub.get_dir()) / "checkpoints"
             raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__}); put "
                              f"{Path(enum.url).name} (from {enum.url}) into {folder}, or pass --weights none") from None
-    else:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UsageError(f"--weights {weights}: cannot read a state_dict ({type(e).__name__}: {e})") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--weights {weights}: cannot read a state_dict ({type(e).__name__}: {e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
     model = build(weights=None)
     try:
         model.load_state_dict(state)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 import torchvision
 from PIL import Image
@@ -455,11 +456,16 @@ def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_pat
                                                                  ("synthetic", 1)]
 
 
-def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypatch):
+def checkpoint_in_torch_home(tmp_path, monkeypatch, weights) -> Path:
+    """The file torchvision reads `weights` from offline, under a temporary $TORCH_HOME."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    enum = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    ckpt = tmp_path / "hub" / "checkpoints" / Path(enum.url).name
+    ckpt = tmp_path / "hub" / "checkpoints" / Path(weights.url).name
     ckpt.parent.mkdir(parents=True)
+    return ckpt
+
+
+def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypatch):
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     torch.manual_seed(0)
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, ckpt)
@@ -589,3 +595,188 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
+
+
+# ---------------------------------------------------------------- review findings (issue 8): bugs, and
+# tests that fail on code that is wrong in ways the tests above let pass
+def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_path, monkeypatch):
+    # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
+    # (from before '.' was forbidden in module names); only torchvision's builder renames them.
+    # bench.py's --baseline ensemble loads densenet201 this way.
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.DenseNet201_Weights.IMAGENET1K_V1)
+    torch.manual_seed(0)
+    state = torchvision.models.densenet201().state_dict()
+    legacy = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # the legacy files predate this buffer
+        for part in ("norm1", "norm2", "conv1", "conv2"):  # only dense layers have numbered parts
+            key = key.replace(f".{part}.", f".{part[:-1]}.{part[-1]}.")
+        legacy[key] = value
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    torch.save(legacy, ckpt)
+    model = pa.load_backbone("densenet201", "imagenet").state_dict()
+    for key in ("features.denseblock1.denselayer1.norm1.weight", "features.denseblock4.denselayer32.conv2.weight",
+                "features.transition3.norm.running_var", "classifier.bias"):
+        assert torch.equal(model[key], state[key]), key
+    weights_file = tmp_path / "densenet.pt"  # --weights PATH still takes a current state_dict
+    torch.save(state, weights_file)
+    assert torch.equal(pa.load_backbone("densenet201", str(weights_file)).features.conv0.weight,
+                       state["features.conv0.weight"])
+
+
+def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
+    halves = np.full((40, 60), 10.0, np.float32)
+    halves[:, 30:] = 1000.0
+    deep_mask = np.zeros((40, 60), np.uint16)
+    deep_mask[:, 30:] = 1  # a 16-bit label mask: 1 = defect
+    cases = {"unit.tif": np.full((40, 60), 0.5, np.float32),        # float in [0, 1]: x 255 -> 128 (not 0)
+             "halves.tif": halves,                                  # other floats: min-max -> 0 | 255
+             "deep.png": np.full((40, 60), 257 * 100, np.uint16),   # 16 bit: / 257 -> 100
+             "dark.png": np.full((40, 60), 200, np.uint16)}         # the same scale for a dark image: 1
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    read = {name: pa.read_image(tmp_path / name, 36, 32) for name in cases}
+    assert int(read["unit.tif"].min()) == int(read["unit.tif"].max()) == 128
+    assert (read["halves.tif"][:, :, :4] == 0).all() and (read["halves.tif"][:, :, -4:] == 255).all()
+    assert int(read["deep.png"].min()) == int(read["deep.png"].max()) == 100
+    assert int(read["dark.png"].min()) == int(read["dark.png"].max()) == 1
+    Image.fromarray(deep_mask).save(tmp_path / "mask.png")
+    mask = pa.read_image(tmp_path / "mask.png", 36, 32, mask=True)
+    assert mask[:, -4:].all() and not mask[:, :4].any()
+
+
+def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):
+    gt = data_root / "synthetic" / "ground_truth" / "blob"
+    Image.open(gt / "003_mask.png").save(gt / "003_mask.bmp")
+    with pytest.raises(pa.UsageError) as e:
+        pa.load_category(data_root, "synthetic", 64, 64)
+    assert f"{gt / '003_mask.bmp'} and {gt / '003_mask.png'}: two masks for" in str(e.value)
+    assert "keep one" in str(e.value)
+
+
+def test_anomaly_map_is_bilinear_upsampling_then_a_gaussian_blur_of_sigma_4():
+    torch.manual_seed(0)
+    scores = torch.rand(2, 8, 8)
+    up = torch.nn.functional.interpolate(scores[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    # the reference blur: scipy's Gaussian, sigma 4, truncated at 4 sigma, mirrored at the border
+    expected = np.stack([scipy.ndimage.gaussian_filter(u.double().numpy(), sigma=4, mode="mirror", truncate=4)
+                         for u in up[:, 0]])
+    np.testing.assert_allclose(pa.anomaly_maps(scores, 64).numpy(), expected, atol=1e-5)
+
+
+def test_augment_applies_cutpaste_with_probability_p_normal_and_scar_alike():
+    torch.manual_seed(0)
+    batch = torch.rand(200, 3, 32, 32)
+    before = batch.clone()
+
+    def changed_pixels(batch, p=None):  # (N,) changed pixels per image; p=None: augment's default
+        out = pa.augment(batch, 32) if p is None else pa.augment(batch, 32, p=p)
+        return (out != batch).any(1).flatten(1).sum(1)
+    assert (changed_pixels(batch[:40], 0.0) == 0).all() and (changed_pixels(batch[:40], 1.0) > 0).all()
+    n = changed_pixels(batch)
+    assert 0.38 <= (n > 0).float().mean() <= 0.62          # p = 0.5 (mean of 200 draws: +- 0.035)
+    # at 32 px a scar is at most 2 x 3 px (before rotation), a normal cut-out at least 2% = 20 px
+    scars = ((n > 0) & (n < 16)).sum() / (n > 0).sum()
+    assert 0.35 <= scars <= 0.65                           # (of ~100: +- 0.05)
+    assert torch.equal(batch, before)                      # the clean batch itself is not changed
+
+
+def test_training_step_input_and_target_are_the_same_cutpaste_augmented_batch(monkeypatch):
+    augmented, inputs, targets = [], [], []
+    real_augment, real_loss = pa.augment, pa.patch_loss
+
+    def spy_augment(*args, **kwargs):
+        augmented.append(real_augment(*args, **kwargs))
+        return augmented[-1]
+
+    def spy_loss(recon, target, *args, **kwargs):
+        targets.append(target.detach().clone())
+        return real_loss(recon, target, *args, **kwargs)
+    monkeypatch.setattr(pa, "augment", spy_augment)
+    monkeypatch.setattr(pa, "patch_loss", spy_loss)
+    torch.manual_seed(0)
+    model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
+    model.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=8, image_size=32, crop_size=32),
+                      torch.device("cpu"))
+    assert len(augmented) == len(inputs) == len(targets) == 1
+    expected = pa.normalize(augmented[0])
+    assert torch.equal(inputs[0], expected) and torch.equal(targets[0], expected)
+    clean = images.float() / 255
+    pasted = [not any(torch.equal(a, c) for c in clean) for a in augmented[0]]
+    assert any(pasted)  # CutPaste changed some images of the batch (p = 0.5)
+
+
+def test_cutpaste_scars_are_rotated_by_up_to_45_degrees():
+    tilts, rectangles = [], 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, mask = pa.cutpaste(torch.rand(3, 256, 256), scar=True)
+        ys, xs = torch.where(mask)
+        rectangles += int((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) == len(ys))
+        evals, evecs = np.linalg.eigh(np.cov(np.stack([xs.numpy(), ys.numpy()]).astype(float)))
+        if evals[1] > 3 * evals[0]:  # an elongated strip: its long axis, from the pixels' second moments
+            vx, vy = np.abs(evecs[:, 1])
+            tilts.append(math.degrees(math.atan2(min(vx, vy), max(vx, vy))))  # from the nearest image axis
+    assert rectangles <= 4             # an unrotated strip fills its bounding box
+    assert len(tilts) >= 10 and max(tilts) >= 30 and np.median(tilts) >= 10
+
+
+def test_coreset_on_the_random_projection_covers_as_well_as_without_it():
+    torch.manual_seed(0)
+    z = torch.cat([torch.randn(1900, 4), torch.randn(100, 4) * 0.2 + 6])  # a big and a small cluster
+    x = z @ torch.randn(4, 256) / 4 + 0.01 * torch.randn(2000, 256)      # D = 256 > proj_dim = 128
+    projected = pa.greedy_coreset(x, 50)
+    exact = pa.greedy_coreset(x, 50, proj_dim=256)                      # D = proj_dim: no projection
+    assert len(projected.unique()) == 50
+
+    def radius(sel):  # covering radius in the full space
+        return torch.cdist(x, x[sel]).min(1).values.max().item()
+    random_radii = [radius(torch.randperm(len(x))[:50]) for _ in range(10)]
+    assert radius(projected) < min(random_radii) and radius(projected) <= 1.25 * radius(exact)
+
+
+def test_training_leaves_every_batchnorm_statistic_of_the_backbone_unchanged():
+    torch.manual_seed(0)
+    model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert len(bns) == 15  # resnet18 up to layer3: stem 1, layer1 4, layer2 5, layer3 5
+    before = {name: [b.clone() for b in m.buffers()] for name, m in bns.items()}
+    conv_before = model.encoder.layer3[1].conv2.weight.clone()
+    images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=4, image_size=32, crop_size=32),
+                      torch.device("cpu"))
+    for name, m in bns.items():
+        assert not m.training and all(torch.equal(a, b) for a, b in zip(m.buffers(), before[name])), name
+    assert not torch.equal(model.encoder.layer3[1].conv2.weight, conv_before)  # trained end to end
+
+
+def test_encoder_fuse_layers_map_each_position_on_its_own():
+    torch.manual_seed(0)
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
+    z = torch.rand(1, 128 + 256, 5, 6)          # (1, c1+c2, h, w), the fused input
+    z2 = z.clone()
+    z2[0, :, 2, 3] += torch.rand(128 + 256)
+    with torch.no_grad():
+        diff = (encoder.fuse(z2) - encoder.fuse(z)).abs().sum(1)[0]  # (5, 6)
+    assert diff[2, 3] > 0 and int((diff > 0).sum()) == 1  # 1x1 convs: no neighbour sees the change
+
+
+def test_aupro_averages_over_regions_not_images():
+    # image A: regions R1 (1 px) and R2 (2 px), 3 normal px; image B: region R3 (3 px), 3 normal px
+    masks = np.array([[[1, 0, 1, 1, 0, 0]], [[1, 1, 1, 0, 0, 0]]], bool)
+    maps = np.array([[[0.95, 0.9, 0.2, 0.3, 0.8, 0.05]], [[0.4, 0.5, 0.6, 0.7, 0.1, 0.15]]])
+    # 0.95 covers R1: PRO = (1 + 0 + 0) / 3 regions; then 0.9 and 0.8 (normal) pass FPR 0.3 with PRO 1/3.
+    # Per image it would be (1/3 + 0) / 2 = 1/6 (the mean of each image's regions: 1/4).
+    assert pa.aupro(masks, maps) == pytest.approx(1 / 3)
+
+
+def test_aupro_ties_share_one_threshold():
+    mask = np.array([[[0, 1, 0, 0, 0]]], bool)  # one region of 1 px, 4 normal px
+    amap = np.array([[[0.9, 0.9, 0.1, 0.1, 0.1]]])
+    # at 0.9 FPR 1/4 and PRO 1 together: the curve goes straight from (0, 0) to (1/4, 1), then flat.
+    # Stepping inside the tie gives 0.05 / 0.3 (normal pixel first) or 1 (region pixel first).
+    assert pa.aupro(mask, amap) == pytest.approx((0.5 * 0.25 + 0.05) / 0.3)
