@@ -75,6 +75,7 @@ class PatchCoreFeatures(nn.Module):
         # FX keeps only what the taps need: layer4 and the classifier are dropped, as in the Patch AE encoder
         self.body = create_feature_extractor(load_backbone(backbone, weights), {t: t for t in taps})
         self.dim, self.target_dim, self.patch = dim, target_dim, patch
+        self.to(memory_format=torch.channels_last)  # as the Patch AE encoder: the timing compares networks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = list(self.body(x).values())            # [(B, C2, H/8, W/8), (B, C3, H/16, W/16)]
@@ -202,15 +203,16 @@ def normalise01(v):
     return (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
 
 
-def timed_pass(members: list[tuple[nn.Module, torch.Tensor]], images: torch.Tensor, args,
-               device: torch.device) -> tuple[dict, np.ndarray, torch.Tensor]:
-    """One pass over `images` per member (extractor, bank) through patch_ae.score_images: seconds per
-    stage, image scores (N,), anomaly maps (N, S, S). An ensemble's members are min-max normalised
-    over the images and averaged, as the official multi-model PatchCore does."""
+def timed_pass(method: dict, images: torch.Tensor, args, device: torch.device) -> tuple[dict, np.ndarray, torch.Tensor]:
+    """One pass over `images` per member (extractor, bank) of `method` through patch_ae.score_images,
+    with the method's image score and patch distance: seconds per stage, image scores (N,), anomaly
+    maps (N, S, S). An ensemble's members are min-max normalised over the images and averaged, as
+    the official multi-model PatchCore does."""
+    members = method["members"]
     seconds, all_scores, all_maps = {"features": 0.0, "knn": 0.0, "map": 0.0}, [], []
     for extractor, bank in members:
-        scores, maps = score_images(extractor, bank, images, args.batch_size, device, "max", args.knn_memory_mb,
-                                    args.knn_method, times=seconds)
+        scores, maps = score_images(extractor, bank, images, args.batch_size, device, method["image_score"],
+                                    args.knn_memory_mb, args.knn_method, method["distance"], times=seconds)
         all_scores.append(scores)
         all_maps.append(maps)
     if len(members) == 1:
@@ -225,7 +227,7 @@ def fit_patch_ae(data: Category, args, device: torch.device, meter: MemoryMeter)
     fit_info = {"fit_s": model["train_seconds"], "bank_s": model["bank_seconds"], "n_train": model["n_train"],
                 "coreset_ratio": args.coreset_ratio, **meter.phase("fit", start)}
     return {"name": "Patch AE", "backbones": [args.backbone], "members": [(model["encoder"], model["bank"])],
-            "fit": fit_info}
+            "image_score": args.patch_ae.image_score, "distance": "l2", "fit": fit_info}
 
 
 def fit_patchcore(data: Category, args, device: torch.device, meter: MemoryMeter) -> dict:
@@ -247,7 +249,9 @@ def fit_patchcore(data: Category, args, device: torch.device, meter: MemoryMeter
     fit_info = {"fit_s": extract_s + coreset_s, "extract_s": extract_s, "coreset_s": coreset_s,
                 "n_train": len(data.train), "coreset_ratio": args.baseline_coreset_ratio, **meter.phase("fit", start)}
     name = "PatchCore ensemble" if args.baseline == "ensemble" else "PatchCore"
-    return {"name": name, "backbones": backbones, "members": members, "fit": fit_info}
+    # the official scorer: FAISS IndexFlatL2's squared distances, image score = their max
+    return {"name": name, "backbones": backbones, "members": members, "image_score": "max", "distance": "squared",
+            "fit": fit_info}
 
 
 def bench_methods(methods: list[dict], data: Category, args, device: torch.device,
@@ -263,7 +267,7 @@ def bench_methods(methods: list[dict], data: Category, args, device: torch.devic
         for rep in range(args.warmup + args.repeats):
             for m, method in enumerate(methods):
                 start = meter.start()
-                seconds, scores, maps = timed_pass(method["members"], data.test, args, device)
+                seconds, scores, maps = timed_pass(method, data.test, args, device)
                 if rep < args.warmup:
                     continue
                 phase = meter.phase("infer", start)

@@ -566,9 +566,12 @@ def extract_features(encoder, images: torch.Tensor, batch_size: int, device: tor
 # ----------------------------------------------------------------------------------------------
 # Memory bank: PatchCore's greedy coreset on a random projection
 # ----------------------------------------------------------------------------------------------
-def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
+                   n_starts: int = 10) -> torch.Tensor:
     """(N, D) -> LongTensor (n,) of rows that greedily cover the set (k-center): each step adds the
-    row farthest from those chosen so far. Distances on a 128-d random (Johnson-Lindenstrauss) projection."""
+    row farthest from those chosen so far. Distances on a 128-d random (Johnson-Lindenstrauss) projection.
+    Start as the official ApproximateGreedyCoresetSampler: every row's mean (not squared) distance
+    to `n_starts` random rows stands for its distance to the empty set; those rows are not added."""
     N, D = features.shape
     n = max(1, min(n, N))
     g = torch.Generator().manual_seed(seed)
@@ -578,15 +581,16 @@ def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: in
     # cols.T @ c runs as one transposed gemv, ~3x faster on CPU than rows @ c; the centre c is
     # read from `rows`, where it is contiguous.
     sq = (rows * rows).sum(1)                                           # ||z_i||^2, (N,)
+    starts = torch.randperm(N, generator=g)[:n_starts].to(features.device)
+    d_starts = torch.addmm(sq[:, None], cols.T, rows[starts].T, alpha=-2).add_(sq[starts])  # (N, n_starts) squared
+    min_d = d_starts.clamp_(min=0).sqrt_().mean(1).square_()            # squared distance to the chosen set
     chosen = torch.empty(n, dtype=torch.long, device=features.device)
-    min_d = torch.full((N,), float("inf"), device=features.device)      # squared distance to the chosen set
-    i = int(torch.randint(N, (), generator=g))
     progress = Progress("coreset", n, "pts")
     for k in range(n):
+        i = int(min_d.argmax())
         chosen[k] = i
         d = torch.addmv(sq, cols.T, rows[i], alpha=-2).add_(sq[i])  # ||z - z_i||^2 for all rows
         torch.minimum(min_d, d, out=min_d)
-        i = int(min_d.argmax())
         progress.update()
     return chosen
 
@@ -670,15 +674,25 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> t
     return TF.gaussian_blur(m, [k, k], [sigma, sigma])[:, 0]
 
 
+PATCH_DISTANCES = ("l2", "squared")
+
+
 @torch.no_grad()
 def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
-                 image_score: str = "max", memory_mb: int = 0, method: str = "mm", desc: str = "scoring",
-                 times: dict | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                 image_score: str = "max", memory_mb: int = 0, method: str = "mm", distance: str = "l2",
+                 desc: str = "scoring", times: dict | None = None,
+                 progress: Progress | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """uint8 (N, 3, S, S) -> image scores (N,) and anomaly maps (N, S, S) on the CPU. With `times`,
-    adds the seconds of each stage (features, knn, map) to it, the device synchronised between them."""
+    adds the seconds of each stage (features, knn, map) to it, the device synchronised between them.
+    distance: a patch's score is its L2 distance to the nearest bank vector ('l2': Patch AE, the
+    paper's ||.||_2) or that distance squared ('squared': the official PatchCore, whose FAISS
+    IndexFlatL2 returns squared distances); same image ranking under 'max', other maps.
+    progress: a caller's Progress to advance (e.g. over a whole folder) instead of a new one."""
+    if distance not in PATCH_DISTANCES:
+        raise ValueError(f"distance {distance!r}: expected one of {PATCH_DISTANCES}")
     if isinstance(encoder, nn.Module):
         encoder.eval()
-    progress, scores, maps = Progress(desc, len(images), "img"), [], []
+    progress, scores, maps = progress or Progress(desc, len(images), "img"), [], []
 
     def now() -> float:  # with `times`, wait for the GPU at each stage's end: each stage gets its own seconds
         return clock(device) if times is not None else time.perf_counter()
@@ -688,7 +702,7 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
         t1 = now()
         q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
         d, idx = knn_scores(q, bank, memory_mb=memory_mb, method=method)  # (B*h*w, 1)
-        patch = d.view(len(batch), -1)
+        patch = (d if distance == "l2" else d.square()).view(len(batch), -1)  # (B, h*w)
         scores.append(image_scores(patch, idx, q, bank, image_score).cpu())
         t2 = now()
         maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())

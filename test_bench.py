@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import patch_ae
 
 TINY = ["--synthetic", "--backbone", "resnet18", "--baseline-backbone", "resnet18", "--weights", "none",
         "--image-size", "64", "--crop-size", "64", "--epochs", "1", "--batch-size", "8", "--max-train", "20",
@@ -166,3 +167,18 @@ def test_missing_data_root_is_a_usage_error(tmp_path, capsys):
                     "--baseline-backbone", "resnet18", "--crop-size", "32", "--image-size", "32"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --data-root") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue 8: PatchCore's distances
+def test_patchcore_baseline_scores_with_squared_distances(tmp_path):
+    args = bench.parse_args(TINY + ["--data-root", str(tmp_path / "data")])
+    cpu = torch.device("cpu")
+    data = bench.load_data(args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        patchcore = bench.fit_patchcore(data, args, cpu, bench.MemoryMeter(cpu))
+        _, scores, maps = bench.timed_pass(patchcore, data.test[:4], args, cpu)
+        (extractor, bank), = patchcore["members"]
+        l2_scores, _ = patch_ae.score_images(extractor, bank, data.test[:4], 4, cpu, distance="l2")
+    assert torch.tensor(scores).allclose(torch.tensor(l2_scores) ** 2, rtol=1e-5)   # as FAISS IndexFlatL2
+    assert maps.shape == (4, 64, 64)
+

@@ -450,3 +450,45 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
+
+
+# ---------------------------------------------------------------- issue 8: PatchCore's distances, coreset start, predict
+def test_squared_distance_squares_the_patch_scores_before_the_blur():
+    torch.manual_seed(0)
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    feats = pa.extract_features(encoder, images[:1], 1, cpu)                     # (1, C, 4, 4)
+    bank = feats.permute(0, 2, 3, 1).reshape(16, -1)[::2]   # half of image 0's patches: distances 0 and > 0
+    s_l2, m_l2 = pa.score_images(encoder, bank, images, 2, cpu, distance="l2")
+    s_sq, m_sq = pa.score_images(encoder, bank, images, 2, cpu, distance="squared")
+    with torch.no_grad():
+        r = encoder(pa.normalize(images.float() / 255))                          # (3, C, 4, 4)
+    d, _ = pa.knn_scores(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]), bank)
+    patch = d.view(3, 4, 4)
+    torch.testing.assert_close(m_l2, pa.anomaly_maps(patch, 32))
+    torch.testing.assert_close(m_sq, pa.anomaly_maps(patch.square(), 32))    # squared, then upsampled and blurred
+    assert not torch.allclose(m_sq, m_l2.square(), rtol=1e-3)                # not the square of the blurred map
+    np.testing.assert_allclose(s_sq, s_l2 ** 2, rtol=1e-5)                   # max: the same ranking
+    with pytest.raises(ValueError, match="distance"):
+        pa.score_images(encoder, bank, images, 2, cpu, distance="l1")
+
+
+def test_coreset_starts_from_the_mean_distance_to_random_rows_not_added():
+    # <= 10 rows: every row is a start row, so the first pick is fixed: the largest mean Euclidean
+    # distance to all rows (row 0); the largest mean squared distance would be row 1
+    x = torch.tensor([[-4., 3], [1, 4], [-1, -4], [-2, -4], [1, 3], [-3, -4], [0, -1], [2, -4]])
+    d = torch.cdist(x, x)
+    assert int(d.mean(1).argmax()) == 0 and int(d.square().mean(1).argmax()) == 1
+    for seed in range(3):
+        assert pa.greedy_coreset(x, 1, seed=seed).tolist() == [0]
+        # then the row farthest from row 0, unless its mean distance to the start rows is smaller
+        expected = int(torch.minimum(d.mean(1), d[0]).argmax())
+        assert pa.greedy_coreset(x, 2, seed=seed).tolist() == [0, expected]
+    # many rows: whichever 10 start rows are drawn, the lone outlier is the farthest from them and
+    # comes first; the start rows themselves are not in the coreset
+    torch.manual_seed(0)
+    y = torch.randn(2000, 16)
+    y[1234] += 50
+    for seed in range(3):
+        assert pa.greedy_coreset(y, 1, seed=seed).tolist() == [1234]
