@@ -123,11 +123,11 @@ class Config:
     save_maps: int = field(default=0, metadata={"help": "write heatmap PNGs for this many test images"})
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """argparse from Config: one typed flag per field. With suppress_defaults only given flags appear."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False, exclude: tuple = ()) -> None:
+    """One typed flag per Config field but those in `exclude` (bench.py adds Patch AE's flags this way)."""
     for f in dataclasses.fields(Config):
+        if f.name in exclude:
+            continue
         md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
         names += list(md.pop("aliases", ()))
         if f.type in ("bool", bool):
@@ -136,6 +136,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         p.add_argument(*names, dest=f.name, **({} if suppress_defaults else {"default": default}), **md)
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """argparse from Config: one typed flag per field. With suppress_defaults only given flags appear."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    add_config_flags(p, suppress_defaults)
     return p
 
 
@@ -157,10 +164,10 @@ def check_config(cfg: Config) -> None:
             raise UsageError(message)
 
 
-def parse_config(argv=None) -> tuple[Config, set]:
-    """Returns the checked config and the names of the flags given on the command line."""
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+def make_config(values: dict, given: set) -> Config:
+    """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked Config,
+    --synthetic resolved. `given`: the flags on the command line."""
+    cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config) if f.name in values})
     check_config(cfg)
     if cfg.synthetic:
         if "category" in given:
@@ -168,7 +175,14 @@ def parse_config(argv=None) -> tuple[Config, set]:
         cfg.category = "synthetic"
         if "data_root" not in given:
             cfg.data_root = "./synthetic_mvtec"
-    return cfg, given
+    return cfg
+
+
+def parse_config(argv=None) -> tuple[Config, set]:
+    """Returns the checked config and the names of the flags given on the command line."""
+    values = vars(build_parser().parse_args(argv))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return make_config(values, given), given
 
 
 def pick_device(name: str) -> torch.device:
