@@ -938,27 +938,54 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
     return result
 
 
-def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> Path:
-    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image."""
+def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> str | None:
+    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image.
+    Reads, scores and writes heatmaps one batch at a time, so memory stays flat whatever the folder
+    size (only the CSV rows wait for the end, to be written whole). A file that cannot be read gets
+    a row with the reason and the others are scored. Returns None, or the line that ends the run
+    (exit code 2) when some files could not be read."""
     if not folder.is_dir():
         raise UsageError(f"--predict {folder}: folder not found")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not paths:
         raise UsageError(f"--predict {folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
-    images = torch.stack([read_image(p, cfg.image_size, cfg.crop_size) for p in paths])
-    scores, maps = score_images(model["encoder"], model["bank"], images, cfg.batch_size, device, cfg.image_score,
-                                cfg.knn_memory_mb, desc="predict")
-    thr = model["threshold"]
-    vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
-    rows = [["path", "score", "is_anomalous"]]
-    for p, s, image, amap in zip(paths, scores, images, maps):
-        rel = p.relative_to(folder)
-        rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr)])
-        save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap, vrange)
+    thr, vrange = model["threshold"], model["map_range"]
+    if vrange is None:
+        print("note: the model has no heatmap colour range (it was trained with --holdout 0): each heatmap "
+              "is coloured from its own lowest to its highest pixel")
+    rows, flagged, unreadable = [["path", "score", "is_anomalous", "error"]], 0, 0
+    progress = Progress("predict", len(paths), "img")
+    for start in range(0, len(paths), cfg.batch_size):
+        batch, images, errors = paths[start:start + cfg.batch_size], [], {}
+        for p in batch:
+            try:
+                images.append(read_image(p, cfg.image_size, cfg.crop_size))
+            except UsageError as e:  # this file's row says why; the others are scored
+                errors[p] = str(e).removeprefix(f"{p}: ")
+                progress.update()
+        scores, maps = score_images(model["encoder"], model["bank"], torch.stack(images), cfg.batch_size, device,
+                                    cfg.image_score, cfg.knn_memory_mb, progress=progress) if images else ([], [])
+        scored = iter(zip(scores, images, maps))
+        for p in batch:
+            rel = p.relative_to(folder)
+            if p in errors:
+                rows.append([str(rel), "", "", errors[p]])
+                continue
+            s, image, amap = next(scored)
+            flag = "" if thr is None else int(s >= thr)
+            rows.append([str(rel), f"{s:.6f}", flag, ""])
+            flagged += flag == 1
+            save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap,
+                         vrange or (float(amap.min()), float(amap.max())))
+        unreadable += len(errors)
     atomic_save(csv_text(rows), out / "predictions.csv")
-    flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
-    print(f"predicted {len(paths)} images ({flagged}): {out / 'predictions.csv'}")
-    return out / "predictions.csv"
+    n_scored = len(paths) - unreadable
+    print(f"predicted {n_scored} images ({'no threshold in the model' if thr is None else f'{flagged} above {thr:.4f}'})"
+          f": {out / 'predictions.csv'}")
+    if unreadable:
+        return (f"--predict {folder}: {unreadable} of {len(paths)} files could not be read (the error column of "
+                f"{out / 'predictions.csv'} says why); the other {n_scored} were scored")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -985,8 +1012,11 @@ def run(cfg: Config, given: set) -> list[dict]:
           f"backbone {cfg.backbone}, weights {weights}", flush=True)
     if cfg.weights == "none" and not cfg.load:
         print("note: --weights none (random init): results are not comparable with the paper's")
+    unreadable = None  # predict_folder's closing line: raised once everything else is written
     if cfg.load and cfg.predict:
-        predict_folder(cfg, model, Path(cfg.predict), device, out)
+        unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
+        if unreadable:
+            raise UsageError(unreadable)
         return []
     categories = find_categories(root) if cfg.category == "all" else [cfg.category]
     if cfg.category == "all" and not categories:
@@ -1013,7 +1043,7 @@ def run(cfg: Config, given: set) -> list[dict]:
             if cfg.save:
                 save_model(cfg.save, cfg, model)
             if cfg.predict:
-                predict_folder(cfg, model, Path(cfg.predict), device, out)
+                unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
     rows = summarize(runs)
     print_table(rows)
     atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
@@ -1021,6 +1051,8 @@ def run(cfg: Config, given: set) -> list[dict]:
     keys = list(rows[0])
     atomic_save(csv_text([keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]), out / "results.csv")
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    if unreadable:
+        raise UsageError(unreadable)
     return runs
 
 
