@@ -30,9 +30,10 @@ Assumptions where the paper is silent (each also in README.md):
   norm() standardises each patch over its 3*8*8 values, prediction and target alike.
 - Training: Adam, lr 1e-4, 50 epochs, batch 16, backbone trained end to end with its
   BatchNorm statistics frozen (batches are small and the features must stay comparable).
-- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection.
-- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2; computed as ||q||^2 - 2 q.m + ||m||^2 in
-  cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
+- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, started as the
+  official sampler (mean distance to 10 random rows).
+- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 (PatchCore's Eq. 6; its code squares it); computed as
+  ||q||^2 - 2 q.m + ||m||^2 in cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
 - Threshold: 0.99 quantile of the image scores of a held-out 10% of train/good (so by default
   90% of train/good trains the model and fills the memory bank).
 """
