@@ -39,9 +39,9 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from patch_ae import (BACKBONES, Category, Config, Encoder, UsageError, atomic_save, build_memory_bank, check_config,
+from patch_ae import (BACKBONES, Category, Encoder, UsageError, add_config_flags, atomic_save, build_memory_bank,
                       compute_metrics, extract_features, fit, fmt, greedy_coreset, knn_budget_mb, knn_scores,
-                      load_backbone, load_category, make_synthetic_category, pick_device, score_images,
+                      load_backbone, load_category, make_config, make_synthetic_category, pick_device, score_images,
                       seed_everything, clock)
 
 MB = 2**20
@@ -75,6 +75,7 @@ class PatchCoreFeatures(nn.Module):
         # FX keeps only what the taps need: layer4 and the classifier are dropped, as in the Patch AE encoder
         self.body = create_feature_extractor(load_backbone(backbone, weights), {t: t for t in taps})
         self.dim, self.target_dim, self.patch = dim, target_dim, patch
+        self.to(memory_format=torch.channels_last)  # as the Patch AE encoder: the timing compares networks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         maps = list(self.body(x).values())            # [(B, C2, H/8, W/8), (B, C3, H/16, W/16)]
@@ -202,15 +203,16 @@ def normalise01(v):
     return (v - v.min()) / max(float(v.max() - v.min()), 1e-12)
 
 
-def timed_pass(members: list[tuple[nn.Module, torch.Tensor]], images: torch.Tensor, args,
-               device: torch.device) -> tuple[dict, np.ndarray, torch.Tensor]:
-    """One pass over `images` per member (extractor, bank) through patch_ae.score_images: seconds per
-    stage, image scores (N,), anomaly maps (N, S, S). An ensemble's members are min-max normalised
-    over the images and averaged, as the official multi-model PatchCore does."""
+def timed_pass(method: dict, images: torch.Tensor, args, device: torch.device) -> tuple[dict, np.ndarray, torch.Tensor]:
+    """One pass over `images` per member (extractor, bank) of `method` through patch_ae.score_images,
+    with the method's image score and patch distance: seconds per stage, image scores (N,), anomaly
+    maps (N, S, S). An ensemble's members are min-max normalised over the images and averaged, as
+    the official multi-model PatchCore does."""
+    members = method["members"]
     seconds, all_scores, all_maps = {"features": 0.0, "knn": 0.0, "map": 0.0}, [], []
     for extractor, bank in members:
-        scores, maps = score_images(extractor, bank, images, args.batch_size, device, "max", args.knn_memory_mb,
-                                    args.knn_method, times=seconds)
+        scores, maps = score_images(extractor, bank, images, args.batch_size, device, method["image_score"],
+                                    args.knn_memory_mb, args.knn_method, method["distance"], times=seconds)
         all_scores.append(scores)
         all_maps.append(maps)
     if len(members) == 1:
@@ -225,7 +227,7 @@ def fit_patch_ae(data: Category, args, device: torch.device, meter: MemoryMeter)
     fit_info = {"fit_s": model["train_seconds"], "bank_s": model["bank_seconds"], "n_train": model["n_train"],
                 "coreset_ratio": args.coreset_ratio, **meter.phase("fit", start)}
     return {"name": "Patch AE", "backbones": [args.backbone], "members": [(model["encoder"], model["bank"])],
-            "fit": fit_info}
+            "image_score": args.patch_ae.image_score, "distance": "l2", "fit": fit_info}
 
 
 def fit_patchcore(data: Category, args, device: torch.device, meter: MemoryMeter) -> dict:
@@ -247,7 +249,9 @@ def fit_patchcore(data: Category, args, device: torch.device, meter: MemoryMeter
     fit_info = {"fit_s": extract_s + coreset_s, "extract_s": extract_s, "coreset_s": coreset_s,
                 "n_train": len(data.train), "coreset_ratio": args.baseline_coreset_ratio, **meter.phase("fit", start)}
     name = "PatchCore ensemble" if args.baseline == "ensemble" else "PatchCore"
-    return {"name": name, "backbones": backbones, "members": members, "fit": fit_info}
+    # the official scorer: FAISS IndexFlatL2's squared distances, image score = their max
+    return {"name": name, "backbones": backbones, "members": members, "image_score": "max", "distance": "squared",
+            "fit": fit_info}
 
 
 def bench_methods(methods: list[dict], data: Category, args, device: torch.device,
@@ -263,7 +267,7 @@ def bench_methods(methods: list[dict], data: Category, args, device: torch.devic
         for rep in range(args.warmup + args.repeats):
             for m, method in enumerate(methods):
                 start = meter.start()
-                seconds, scores, maps = timed_pass(method["members"], data.test, args, device)
+                seconds, scores, maps = timed_pass(method, data.test, args, device)
                 if rep < args.warmup:
                     continue
                 phase = meter.phase("infer", start)
@@ -319,7 +323,8 @@ def load_data(args) -> Category:
 # ----------------------------------------------------------------------------------------------
 def scaling(args, device: torch.device, meter: MemoryMeter) -> dict:
     """knn_bench for one image's patches against each bank size in --bank-rows, then one timed coreset."""
-    dims = args.feat_dim or Encoder(load_backbone(args.backbone, "none")).feat_dim  # c3 of --backbone
+    with torch.device("meta"):  # c3 of --backbone from the real Encoder, without building its weights
+        dims = Encoder(load_backbone(args.backbone, "none"), args.feat_dim).feat_dim
     n_queries = (args.crop_size // Encoder.stride) ** 2                           # one image's patches
     g = torch.Generator().manual_seed(args.seed)
     queries = torch.randn(n_queries, dims, generator=g).to(device)               # (Q, D)
@@ -428,67 +433,64 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = Config()
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--synthetic", action="store_true",
-                   help="generate and use the offline category 'synthetic' under --data-root")
-    p.add_argument("--data-root", type=str, default=None,
-                   help=f"MVTec AD root (default: ./synthetic_mvtec with --synthetic, else {d.data_root})")
-    p.add_argument("--category", type=str, default=None, help="MVTec category (default: screw)")
-    p.add_argument("--backbone", type=str, default=d.backbone, choices=BACKBONES, help="Patch AE encoder backbone")
-    p.add_argument("--baseline", type=str, default="single", choices=("single", "ensemble"),
+# patch_ae.Config fields that bench.py does not take: Patch AE trains on every train/good image, as
+# PatchCore does (holdout 0: no threshold, no validation, so the last epoch is kept: --select last),
+# with one seed (bench's own --seed, which also seeds the baseline and the random features), and bench
+# writes only its tables and --json.
+NOT_IN_BENCH = ("holdout", "threshold_quantile", "select", "val_every", "val_tolerance", "seed", "out", "overwrite",
+                "save", "load", "predict", "save_maps")
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """Every patch_ae.Config flag but NOT_IN_BENCH (a field added to Config appears here by itself),
+    then bench's own. With suppress_defaults only given flags appear."""
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
+               argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    add_config_flags(p.add_argument_group(
+        "Patch AE and data: patch_ae.py's flags (the data flags, --weights, --batch-size, --knn-memory-mb and "
+        "--device serve the baseline too)"), suppress_defaults, exclude=NOT_IN_BENCH)
+    b = p.add_argument_group("PatchCore baseline and benchmark")
+    b.add_argument("--baseline", type=str, default="single", choices=("single", "ensemble"),
                    help=f"PatchCore on --baseline-backbone, or the multi-model one: {' + '.join(ENSEMBLE)}")
-    p.add_argument("--baseline-backbone", type=str, default=None, choices=sorted(BASELINE_TAPS),
+    b.add_argument("--baseline-backbone", type=str, default=None, choices=sorted(BASELINE_TAPS),
                    help="PatchCore backbone with --baseline single (default: wide_resnet50_2)")
-    p.add_argument("--baseline-dim", type=int, default=None,
+    b.add_argument("--baseline-dim", type=int, default=None,
                    help=f"PatchCore's final feature size (default: 1024 single, {ENSEMBLE_DIM} ensemble, as published)")
-    p.add_argument("--baseline-coreset-ratio", type=float, default=None,
+    b.add_argument("--baseline-coreset-ratio", type=float, default=None,
                    help=f"PatchCore's coreset fraction (default: --coreset-ratio single, {ENSEMBLE_CORESET} ensemble)")
-    p.add_argument("--weights", type=str, default="imagenet", choices=("imagenet", "none"),
-                   help="backbone init for both methods; 'none' = random (timing is the same, quality is not)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="resize the shorter side to this")
-    p.add_argument("--crop-size", type=int, default=d.crop_size, help="centre crop, a multiple of 8")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="Patch AE training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training and inference batch size")
-    p.add_argument("--feat-dim", type=int, default=d.feat_dim, help="Patch AE c3; 0 = (c1+c2)/3 of --backbone")
-    p.add_argument("--coreset-ratio", type=float, default=d.coreset_ratio, help="Patch AE memory bank fraction")
-    p.add_argument("--knn-method", type=str, default="mm", choices=KNN_FORMS,
+    b.add_argument("--knn-method", type=str, default="mm", choices=KNN_FORMS,
                    help="patch_ae.knn_scores form in the inference passes (the kNN table times both)")
-    p.add_argument("--knn-memory-mb", type=int, default=d.knn_memory_mb,
-                   help="budget of one kNN distance block, MB; 0 = patch_ae.knn_budget_mb's choice for the device")
-    p.add_argument("--max-train", type=int, default=0, help="use the first N train/good images; 0 = all")
-    p.add_argument("--max-test", type=int, default=0, help="use N test images spread over all folders; 0 = all")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes; the table shows their median")
-    p.add_argument("--scaling", action="store_true",
+    b.add_argument("--max-train", type=int, default=0, help="use the first N train/good images; 0 = all")
+    b.add_argument("--max-test", type=int, default=0, help="use N test images spread over all folders; 0 = all")
+    b.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
+    b.add_argument("--repeats", type=int, default=5, help="timed passes; the table shows their median")
+    b.add_argument("--scaling", action="store_true",
                    help="instead of the method comparison: kNN time and memory against --bank-rows, and the coreset")
-    p.add_argument("--bank-rows", type=int, nargs="+", default=[10_000, 50_000, 200_000, 1_000_000],
+    b.add_argument("--bank-rows", type=int, nargs="+", default=[10_000, 50_000, 200_000, 1_000_000],
                    help="with --scaling: memory bank sizes (rows of --feat-dim random features)")
-    p.add_argument("--coreset-rows", type=int, default=100_000,
+    b.add_argument("--coreset-rows", type=int, default=100_000,
                    help="with --scaling: time the greedy coreset of this many rows to --coreset-ratio; 0 = skip")
-    p.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when present")
-    p.add_argument("--seed", type=int, default=0, help="seed for training, coreset and synthetic features")
-    p.add_argument("--json", type=str, default="", help="also write every figure to this JSON file")
+    b.add_argument("--seed", type=int, default=0, help="seed for training, coreset and synthetic features")
+    b.add_argument("--json", type=str, default="", help="also write every figure to this JSON file")
     return p
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    # Patch AE's settings, checked by patch_ae itself; holdout 0: every training image trains and fills the bank
-    args.patch_ae = Config(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                           crop_size=args.crop_size, epochs=args.epochs, batch_size=args.batch_size,
-                           feat_dim=args.feat_dim, coreset_ratio=args.coreset_ratio, knn_memory_mb=args.knn_memory_mb,
-                           holdout=0.0, device=args.device, seed=[args.seed])
-    check_config(args.patch_ae)
-    checks = [(args.repeats >= 1, "--repeats must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    # Patch AE's settings, checked and resolved (--synthetic) by patch_ae itself
+    args.patch_ae = make_config({**vars(args), "holdout": 0.0, "select": "last", "seed": [args.seed]}, given)
+    args.category, args.data_root = args.patch_ae.category, args.patch_ae.data_root
+    checks = [(args.weights in ("imagenet", "none"),
+               f"--weights {args.weights}: bench.py loads two different backbones; use 'imagenet' or 'none'"),
+              (args.category != "all", "--category all: bench.py compares the methods on one category; name it"),
+              (args.repeats >= 1, "--repeats must be >= 1"), (args.warmup >= 0, "--warmup must be >= 0"),
               (args.baseline_dim is None or args.baseline_dim >= 1, "--baseline-dim must be >= 1"),
               (args.baseline_coreset_ratio is None or 0 < args.baseline_coreset_ratio <= 1,
                "--baseline-coreset-ratio must be in (0, 1]"),
               (args.max_train >= 0 and args.max_test >= 0, "--max-train and --max-test must be >= 0 (0 = all)"),
               (min(args.bank_rows) >= 1, "--bank-rows must all be >= 1"),
               (args.coreset_rows >= 0, "--coreset-rows must be >= 0 (0 = skip)"),
-              (not (args.synthetic and args.category), "--synthetic makes its own category; drop --category"),
               (not (args.baseline == "ensemble" and args.baseline_backbone),
                "--baseline-backbone is for --baseline single; the ensemble is " + " + ".join(ENSEMBLE)),
               (not (args.json and Path(args.json).is_dir()), f"--json {args.json}: is a folder; give a file path")]
@@ -499,8 +501,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.baseline_backbone = args.baseline_backbone or "wide_resnet50_2"
     args.baseline_dim = args.baseline_dim or (ENSEMBLE_DIM if ensemble else 1024)
     args.baseline_coreset_ratio = args.baseline_coreset_ratio or (ENSEMBLE_CORESET if ensemble else args.coreset_ratio)
-    args.category = "synthetic" if args.synthetic else args.category or "screw"
-    args.data_root = args.data_root or ("./synthetic_mvtec" if args.synthetic else Config().data_root)
     return args
 
 

@@ -30,9 +30,10 @@ Assumptions where the paper is silent (each also in README.md):
   norm() standardises each patch over its 3*8*8 values, prediction and target alike.
 - Training: Adam, lr 1e-4, 50 epochs, batch 16, backbone trained end to end with its
   BatchNorm statistics frozen (batches are small and the features must stay comparable).
-- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection.
-- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2; computed as ||q||^2 - 2 q.m + ||m||^2 in
-  cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
+- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, started as the
+  official sampler (mean distance to 10 random rows).
+- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 (PatchCore's Eq. 6; its code squares it); computed as
+  ||q||^2 - 2 q.m + ||m||^2 in cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
 - Threshold: 0.99 quantile of the image scores of a held-out 10% of train/good (so by default
   90% of train/good trains the model and fills the memory bank).
 """
@@ -141,11 +142,11 @@ class Config:
     save_maps: int = field(default=0, metadata={"help": "write heatmap PNGs for this many test images"})
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """argparse from Config: one typed flag per field. With suppress_defaults only given flags appear."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False, exclude: tuple = ()) -> None:
+    """One typed flag per Config field but those in `exclude` (bench.py adds Patch AE's flags this way)."""
     for f in dataclasses.fields(Config):
+        if f.name in exclude:
+            continue
         md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
         names += list(md.pop("aliases", ()))
         if f.type in ("bool", bool):
@@ -154,6 +155,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         p.add_argument(*names, dest=f.name, **({} if suppress_defaults else {"default": default}), **md)
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """argparse from Config: one typed flag per field. With suppress_defaults only given flags appear."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    add_config_flags(p, suppress_defaults)
     return p
 
 
@@ -177,10 +185,10 @@ def check_config(cfg: Config) -> None:
             raise UsageError(message)
 
 
-def parse_config(argv=None) -> tuple[Config, set]:
-    """Returns the checked config and the names of the flags given on the command line."""
-    cfg = Config(**vars(build_parser().parse_args(argv)))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+def make_config(values: dict, given: set) -> Config:
+    """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked Config,
+    --synthetic resolved. `given`: the flags on the command line."""
+    cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config) if f.name in values})
     check_config(cfg)
     if cfg.synthetic:
         if "category" in given:
@@ -188,7 +196,14 @@ def parse_config(argv=None) -> tuple[Config, set]:
         cfg.category = "synthetic"
         if "data_root" not in given:
             cfg.data_root = "./synthetic_mvtec"
-    return cfg, given
+    return cfg
+
+
+def parse_config(argv=None) -> tuple[Config, set]:
+    """Returns the checked config and the names of the flags given on the command line."""
+    values = vars(build_parser().parse_args(argv))
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return make_config(values, given), given
 
 
 def pick_device(name: str) -> torch.device:
@@ -723,9 +738,12 @@ def extract_features(encoder, images: torch.Tensor, batch_size: int, device: tor
 # ----------------------------------------------------------------------------------------------
 # Memory bank: PatchCore's greedy coreset on a random projection
 # ----------------------------------------------------------------------------------------------
-def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
+                   n_starts: int = 10) -> torch.Tensor:
     """(N, D) -> LongTensor (n,) of rows that greedily cover the set (k-center): each step adds the
-    row farthest from those chosen so far. Distances on a 128-d random (Johnson-Lindenstrauss) projection."""
+    row farthest from those chosen so far. Distances on a 128-d random (Johnson-Lindenstrauss) projection.
+    Start as the official ApproximateGreedyCoresetSampler: every row's mean (not squared) distance
+    to `n_starts` random rows stands for its distance to the empty set; those rows are not added."""
     N, D = features.shape
     n = max(1, min(n, N))
     g = torch.Generator().manual_seed(seed)
@@ -735,15 +753,16 @@ def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: in
     # cols.T @ c runs as one transposed gemv, ~3x faster on CPU than rows @ c; the centre c is
     # read from `rows`, where it is contiguous.
     sq = (rows * rows).sum(1)                                           # ||z_i||^2, (N,)
+    starts = torch.randperm(N, generator=g)[:n_starts].to(features.device)
+    d_starts = torch.addmm(sq[:, None], cols.T, rows[starts].T, alpha=-2).add_(sq[starts])  # (N, n_starts) squared
+    min_d = d_starts.clamp_(min=0).sqrt_().mean(1).square_()            # squared distance to the chosen set
     chosen = torch.empty(n, dtype=torch.long, device=features.device)
-    min_d = torch.full((N,), float("inf"), device=features.device)      # squared distance to the chosen set
-    i = int(torch.randint(N, (), generator=g))
     progress = Progress("coreset", n, "pts")
     for k in range(n):
+        i = int(min_d.argmax())
         chosen[k] = i
         d = torch.addmv(sq, cols.T, rows[i], alpha=-2).add_(sq[i])  # ||z - z_i||^2 for all rows
         torch.minimum(min_d, d, out=min_d)
-        i = int(min_d.argmax())
         progress.update()
     return chosen
 
@@ -827,15 +846,25 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> t
     return TF.gaussian_blur(m, [k, k], [sigma, sigma])[:, 0]
 
 
+PATCH_DISTANCES = ("l2", "squared")
+
+
 @torch.no_grad()
 def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
-                 image_score: str = "max", memory_mb: int = 0, method: str = "mm", desc: str = "scoring",
-                 times: dict | None = None) -> tuple[np.ndarray, torch.Tensor]:
+                 image_score: str = "max", memory_mb: int = 0, method: str = "mm", distance: str = "l2",
+                 desc: str = "scoring", times: dict | None = None,
+                 progress: Progress | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """uint8 (N, 3, S, S) -> image scores (N,) and anomaly maps (N, S, S) on the CPU. With `times`,
-    adds the seconds of each stage (features, knn, map) to it, the device synchronised between them."""
+    adds the seconds of each stage (features, knn, map) to it, the device synchronised between them.
+    distance: a patch's score is its L2 distance to the nearest bank vector ('l2': Patch AE, the
+    paper's ||.||_2) or that distance squared ('squared': the official PatchCore, whose FAISS
+    IndexFlatL2 returns squared distances); same image ranking under 'max', other maps.
+    progress: a caller's Progress to advance (e.g. over a whole folder) instead of a new one."""
+    if distance not in PATCH_DISTANCES:
+        raise ValueError(f"distance {distance!r}: expected one of {PATCH_DISTANCES}")
     if isinstance(encoder, nn.Module):
         encoder.eval()
-    progress, scores, maps = Progress(desc, len(images), "img"), [], []
+    progress, scores, maps = progress or Progress(desc, len(images), "img"), [], []
 
     def now() -> float:  # with `times`, wait for the GPU at each stage's end: each stage gets its own seconds
         return clock(device) if times is not None else time.perf_counter()
@@ -845,7 +874,7 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
         t1 = now()
         q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
         d, idx = knn_scores(q, bank, memory_mb=memory_mb, method=method)  # (B*h*w, 1)
-        patch = d.view(len(batch), -1)
+        patch = (d if distance == "l2" else d.square()).view(len(batch), -1)  # (B, h*w)
         scores.append(image_scores(patch, idx, q, bank, image_score).cpu())
         t2 = now()
         maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())
@@ -1118,27 +1147,54 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
     return result
 
 
-def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> Path:
-    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image."""
+def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> str | None:
+    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image.
+    Reads, scores and writes heatmaps one batch at a time, so memory stays flat whatever the folder
+    size (only the CSV rows wait for the end, to be written whole). A file that cannot be read gets
+    a row with the reason and the others are scored. Returns None, or the line that ends the run
+    (exit code 2) when some files could not be read."""
     if not folder.is_dir():
         raise UsageError(f"--predict {folder}: folder not found")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not paths:
         raise UsageError(f"--predict {folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
-    images = torch.stack([read_image(p, cfg.image_size, cfg.crop_size) for p in paths])
-    scores, maps = score_images(model["encoder"], model["bank"], images, cfg.batch_size, device, cfg.image_score,
-                                cfg.knn_memory_mb, desc="predict")
-    thr = model["threshold"]
-    vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
-    rows = [["path", "score", "is_anomalous"]]
-    for p, s, image, amap in zip(paths, scores, images, maps):
-        rel = p.relative_to(folder)
-        rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr)])
-        save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap, vrange)
+    thr, vrange = model["threshold"], model["map_range"]
+    if vrange is None:
+        print("note: the model has no heatmap colour range (it was trained with --holdout 0): each heatmap "
+              "is coloured from its own lowest to its highest pixel")
+    rows, flagged, unreadable = [["path", "score", "is_anomalous", "error"]], 0, 0
+    progress = Progress("predict", len(paths), "img")
+    for start in range(0, len(paths), cfg.batch_size):
+        batch, images, errors = paths[start:start + cfg.batch_size], [], {}
+        for p in batch:
+            try:
+                images.append(read_image(p, cfg.image_size, cfg.crop_size))
+            except UsageError as e:  # this file's row says why; the others are scored
+                errors[p] = str(e).removeprefix(f"{p}: ")
+                progress.update()
+        scores, maps = score_images(model["encoder"], model["bank"], torch.stack(images), cfg.batch_size, device,
+                                    cfg.image_score, cfg.knn_memory_mb, progress=progress) if images else ([], [])
+        scored = iter(zip(scores, images, maps))
+        for p in batch:
+            rel = p.relative_to(folder)
+            if p in errors:
+                rows.append([str(rel), "", "", errors[p]])
+                continue
+            s, image, amap = next(scored)
+            flag = "" if thr is None else int(s >= thr)
+            rows.append([str(rel), f"{s:.6f}", flag, ""])
+            flagged += flag == 1
+            save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap,
+                         vrange or (float(amap.min()), float(amap.max())))
+        unreadable += len(errors)
     atomic_save(csv_text(rows), out / "predictions.csv")
-    flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
-    print(f"predicted {len(paths)} images ({flagged}): {out / 'predictions.csv'}")
-    return out / "predictions.csv"
+    n_scored = len(paths) - unreadable
+    print(f"predicted {n_scored} images ({'no threshold in the model' if thr is None else f'{flagged} above {thr:.4f}'})"
+          f": {out / 'predictions.csv'}")
+    if unreadable:
+        return (f"--predict {folder}: {unreadable} of {len(paths)} files could not be read (the error column of "
+                f"{out / 'predictions.csv'} says why); the other {n_scored} were scored")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1167,8 +1223,11 @@ def run(cfg: Config, given: set) -> list[dict]:
           f"backbone {cfg.backbone}, weights {weights}", flush=True)
     if cfg.weights == "none" and not cfg.load:
         print("note: --weights none (random init): results are not comparable with the paper's")
+    unreadable = None  # predict_folder's closing line: raised once everything else is written
     if cfg.load and cfg.predict:
-        predict_folder(cfg, model, Path(cfg.predict), device, out)
+        unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
+        if unreadable:
+            raise UsageError(unreadable)
         return []
     categories = find_categories(root) if cfg.category == "all" else [cfg.category]
     if cfg.category == "all" and not categories:
@@ -1202,7 +1261,7 @@ def run(cfg: Config, given: set) -> list[dict]:
             if cfg.save:
                 save_model(cfg.save, cfg, model)
             if cfg.predict:
-                predict_folder(cfg, model, Path(cfg.predict), device, out)
+                unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
     rows = summarize(runs)
     print_table(rows)
     atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
@@ -1210,6 +1269,8 @@ def run(cfg: Config, given: set) -> list[dict]:
     keys = list(rows[0])
     atomic_save(csv_text([keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]), out / "results.csv")
     print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    if unreadable:
+        raise UsageError(unreadable)
     return runs
 
 

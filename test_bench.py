@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import patch_ae
 
 TINY = ["--synthetic", "--backbone", "resnet18", "--baseline-backbone", "resnet18", "--weights", "none",
         "--image-size", "64", "--crop-size", "64", "--epochs", "1", "--batch-size", "8", "--max-train", "20",
@@ -150,6 +151,11 @@ def test_patchcore_features_match_the_official_path(backbone):
     (["--knn-method", "faiss"], "invalid choice: 'faiss'"),
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--baseline", "ensemble", "--baseline-backbone", "resnet18"], "--baseline-backbone is for --baseline single"),
+    (["--weights", "my_backbone.pt"], "use 'imagenet' or 'none'"),
+    (["--category", "all"], "--category all"),
+    (["--synthetic", "--category", "screw"], "--synthetic makes its own category"),
+    (["--alpha", "2"], "--alpha must be in [0, 1]"),
+    (["--seeds", "0", "1"], "unrecognized arguments: --seeds"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -166,3 +172,54 @@ def test_missing_data_root_is_a_usage_error(tmp_path, capsys):
                     "--baseline-backbone", "resnet18", "--crop-size", "32", "--image-size", "32"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: --data-root") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- issue 8: Config flags, PatchCore's distances, --scaling
+def test_patch_ae_flags_come_from_config_and_reach_training(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = capsys.readouterr().out
+    for name in set(patch_ae.Config.__dataclass_fields__) - set(bench.NOT_IN_BENCH):  # a new field comes by itself
+        assert "--" + name.replace("_", "-") + " " in text, name
+    assert "--holdout" not in text and "--predict" not in text and "--seeds" not in text
+
+    class Stop(Exception):
+        pass
+
+    def spy(cfg, data, seed, device):
+        seen.append((cfg, seed))
+        raise Stop
+    seen = []
+    monkeypatch.setattr(bench, "fit", spy)
+    with pytest.raises(Stop):
+        bench.main(TINY + ["--data-root", str(tmp_path / "data"), "--lr", "1e-5", "--alpha", "0.3", "--seed", "2"])
+    cfg, seed = seen[0]
+    assert (cfg.lr, cfg.alpha, cfg.epochs, cfg.batch_size, cfg.backbone, cfg.crop_size) == (1e-5, 0.3, 1, 8, "resnet18", 64)
+    assert (cfg.category, cfg.data_root, cfg.holdout, cfg.seed, seed) == ("synthetic", str(tmp_path / "data"), 0.0, [2], 2)
+
+
+def test_patchcore_baseline_scores_with_squared_distances(tmp_path):
+    args = bench.parse_args(TINY + ["--data-root", str(tmp_path / "data")])
+    cpu = torch.device("cpu")
+    data = bench.load_data(args)
+    with contextlib.redirect_stdout(io.StringIO()):
+        patchcore = bench.fit_patchcore(data, args, cpu, bench.MemoryMeter(cpu))
+        _, scores, maps = bench.timed_pass(patchcore, data.test[:4], args, cpu)
+        (extractor, bank), = patchcore["members"]
+        l2_scores, _ = patch_ae.score_images(extractor, bank, data.test[:4], 4, cpu, distance="l2")
+    assert torch.tensor(scores).allclose(torch.tensor(l2_scores) ** 2, rtol=1e-5)   # as FAISS IndexFlatL2
+    assert maps.shape == (4, 64, 64)
+
+
+def test_scaling_reads_c3_without_building_the_backbone(monkeypatch, capsys):
+    devices, load = [], bench.load_backbone
+
+    def spy(name, weights):
+        model = load(name, weights)
+        devices.append((name, next(model.parameters()).device.type))
+        return model
+    monkeypatch.setattr(bench, "load_backbone", spy)
+    result = bench.main(["--scaling", "--bank-rows", "50", "--coreset-rows", "0", "--warmup", "0", "--repeats", "1",
+                         "--crop-size", "32", "--image-size", "32"])
+    assert devices == [("wide_resnet101_2", "meta")]           # no 127M-parameter network built
+    assert {r["dims"] for r in result["scaling"]} == {512}     # c3 = (512 + 1024) / 3

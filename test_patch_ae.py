@@ -429,7 +429,7 @@ def test_save_load_and_predict_a_folder(synthetic_root, tmp_path, capsys):
     out = tmp_path / "pred"
     pa.main(["--load", str(model), "--predict", str(folder), "--out", str(out)])
     rows = (out / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "path,score,is_anomalous" and len(rows) == 1 + 40
+    assert rows[0] == "path,score,is_anomalous,error" and len(rows) == 1 + 40
     scores = {r.split(",")[0]: (float(r.split(",")[1]), int(r.split(",")[2])) for r in rows[1:]}
     assert all(flag == int(s >= trained["threshold"]) for s, flag in scores.values())
     flagged_defects = np.mean([f for p, (_, f) in scores.items() if not p.startswith("good")])
@@ -780,3 +780,140 @@ def test_aupro_ties_share_one_threshold():
     # at 0.9 FPR 1/4 and PRO 1 together: the curve goes straight from (0, 0) to (1/4, 1), then flat.
     # Stepping inside the tie gives 0.05 / 0.3 (normal pixel first) or 1 (region pixel first).
     assert pa.aupro(mask, amap) == pytest.approx((0.5 * 0.25 + 0.05) / 0.3)
+
+
+# ---------------------------------------------------------------- issue 8: PatchCore's distances, coreset start, predict
+def test_squared_distance_squares_the_patch_scores_before_the_blur():
+    torch.manual_seed(0)
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    feats = pa.extract_features(encoder, images[:1], 1, cpu)                     # (1, C, 4, 4)
+    bank = feats.permute(0, 2, 3, 1).reshape(16, -1)[::2]   # half of image 0's patches: distances 0 and > 0
+    s_l2, m_l2 = pa.score_images(encoder, bank, images, 2, cpu, distance="l2")
+    s_sq, m_sq = pa.score_images(encoder, bank, images, 2, cpu, distance="squared")
+    with torch.no_grad():
+        r = encoder(pa.normalize(images.float() / 255))                          # (3, C, 4, 4)
+    d, _ = pa.knn_scores(r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]), bank)
+    patch = d.view(3, 4, 4)
+    torch.testing.assert_close(m_l2, pa.anomaly_maps(patch, 32))
+    torch.testing.assert_close(m_sq, pa.anomaly_maps(patch.square(), 32))    # squared, then upsampled and blurred
+    assert not torch.allclose(m_sq, m_l2.square(), rtol=1e-3)                # not the square of the blurred map
+    np.testing.assert_allclose(s_sq, s_l2 ** 2, rtol=1e-5)                   # max: the same ranking
+    with pytest.raises(ValueError, match="distance"):
+        pa.score_images(encoder, bank, images, 2, cpu, distance="l1")
+
+
+def test_coreset_starts_from_the_mean_distance_to_random_rows_not_added():
+    # <= 10 rows: every row is a start row, so the first pick is fixed: the largest mean Euclidean
+    # distance to all rows (row 0); the largest mean squared distance would be row 1
+    x = torch.tensor([[-4., 3], [1, 4], [-1, -4], [-2, -4], [1, 3], [-3, -4], [0, -1], [2, -4]])
+    d = torch.cdist(x, x)
+    assert int(d.mean(1).argmax()) == 0 and int(d.square().mean(1).argmax()) == 1
+    for seed in range(3):
+        assert pa.greedy_coreset(x, 1, seed=seed).tolist() == [0]
+        # then the row farthest from row 0, unless its mean distance to the start rows is smaller
+        expected = int(torch.minimum(d.mean(1), d[0]).argmax())
+        assert pa.greedy_coreset(x, 2, seed=seed).tolist() == [0, expected]
+    # many rows: whichever 10 start rows are drawn, the lone outlier is the farthest from them and
+    # comes first; the start rows themselves are not in the coreset
+    torch.manual_seed(0)
+    y = torch.randn(2000, 16)
+    y[1234] += 50
+    for seed in range(3):
+        assert pa.greedy_coreset(y, 1, seed=seed).tolist() == [1234]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> tuple[Path, float]:
+    """A resnet18 model file at 32 px (random weights, a bank of 4 random images' patches) and its threshold."""
+    torch.manual_seed(0)
+    path, cpu = tmp_path_factory.mktemp("model") / "model.pt", torch.device("cpu")
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
+    bank = pa.build_memory_bank(pa.extract_features(encoder, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8),
+                                                    4, cpu), 1.0)
+    scores, _ = pa.score_images(encoder, bank, torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), 6, cpu)
+    threshold = float(np.median(scores))
+    pa.save_model(str(path), pa.Config(backbone="resnet18", weights="none", image_size=32, crop_size=32),
+                  {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": (0.0, 2 * threshold),
+                   "n_train": 4, "n_holdout": 0, "selected_epoch": 0, "validation_curve": [], "loss_by_epoch": []})
+    return path, threshold
+
+
+def image_folder(root: Path, n: int) -> Path:
+    """n random 40x48 PNGs, the second half in a sub-folder."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        p = root / ("sub" if i >= n // 2 else ".") / f"{i:02d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(p)
+    return root
+
+
+def read_predictions(out: Path) -> dict:
+    lines = (out / "predictions.csv").read_text().splitlines()
+    assert lines[0] == "path,score,is_anomalous,error"
+    return {r[0]: r[1:] for r in (line.split(",", 3) for line in lines[1:])}
+
+
+def test_predict_gives_an_unreadable_file_its_row_and_scores_the_others(tiny_model, tmp_path, capsys):
+    model, threshold = tiny_model
+    folder = image_folder(tmp_path / "in", 6)
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "clean"), "--batch-size", "4"])
+    clean = read_predictions(tmp_path / "clean")
+    assert len(clean) == 6 and all(err == "" for *_, err in clean.values())
+    assert all(flag == str(int(float(s) >= threshold)) for s, flag, _ in clean.values())
+    (folder / "sub" / "broken.png").write_bytes(b"not an image")
+    capsys.readouterr()
+    err = expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"),
+                                "--batch-size", "4"], "1 of 7 files could not be read", "the other 6 were scored")
+    assert str(tmp_path / "out" / "predictions.csv") in err
+    rows = read_predictions(tmp_path / "out")
+    assert list(rows) == sorted(rows) and len(rows) == 7
+    score, flag, reason = rows.pop(str(Path("sub") / "broken.png"))
+    assert score == flag == "" and "cannot decode" in reason
+    assert rows == clean                                     # the others: scored, and as without the broken file
+    assert len(list((tmp_path / "out" / "heatmaps").rglob("*.png"))) == 6
+
+
+def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_path, monkeypatch):
+    model, _ = tiny_model
+    folder = image_folder(tmp_path / "in", 7)
+    counts = {"read": 0, "written": 0, "largest score_images call": 0}
+    read, write, score = pa.read_image, pa.save_heatmap, pa.score_images
+
+    def counting_read(*a, **k):
+        counts["read"] += 1
+        assert counts["read"] - counts["written"] <= 2, counts   # never more than one batch waiting
+        return read(*a, **k)
+
+    def counting_write(*a, **k):
+        counts["written"] += 1
+        return write(*a, **k)
+
+    def counting_score(encoder, bank, images, *a, **k):
+        counts["largest score_images call"] = max(counts["largest score_images call"], len(images))
+        return score(encoder, bank, images, *a, **k)
+    monkeypatch.setattr(pa, "read_image", counting_read)
+    monkeypatch.setattr(pa, "save_heatmap", counting_write)
+    monkeypatch.setattr(pa, "score_images", counting_score)
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"), "--batch-size", "2"])
+    assert counts == {"read": 7, "written": 7, "largest score_images call": 2}
+    assert len(read_predictions(tmp_path / "out")) == 7
+
+
+def test_predict_heatmap_colours_use_the_models_range_else_each_images_own(tiny_model, tmp_path, monkeypatch, capsys):
+    model, threshold = tiny_model
+    folder = image_folder(tmp_path / "in", 3)
+    ranges = []
+    monkeypatch.setattr(pa, "save_heatmap", lambda path, image, amap, vrange, mask=None: ranges.append(
+        (vrange, (float(amap.min()), float(amap.max())))))
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "a")])
+    assert len(ranges) == 3 and all(vrange == (0.0, 2 * threshold) for vrange, _ in ranges)
+    blob = torch.load(model, weights_only=True)
+    blob["map_range"] = None                                  # as a model trained with --holdout 0
+    torch.save(blob, tmp_path / "no_range.pt")
+    ranges.clear()
+    pa.main(["--load", str(tmp_path / "no_range.pt"), "--predict", str(folder), "--out", str(tmp_path / "b")])
+    assert "each heatmap is coloured from its own lowest to its highest pixel" in capsys.readouterr().out
+    assert len(ranges) == 3 and all(vrange == own for vrange, own in ranges)
