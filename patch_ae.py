@@ -99,12 +99,12 @@ class Config:
     epochs: int = field(default=50, metadata={"help": "training epochs (paper: not stated)"})
     batch_size: int = field(default=16, metadata={"help": "training and inference batch size"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the new layers (paper: not stated)"})
-    backbone_lr: float = field(default=1.0, metadata={
+    backbone_lr: float = field(default=0.1, metadata={
         "help": "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)"})
-    freeze: str = field(default="none", metadata={
+    freeze: str = field(default="stem", metadata={
         "help": "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
         "choices": ("none", "stem", "layer2")})
-    lr_schedule: str = field(default="constant", metadata={
+    lr_schedule: str = field(default="cosine", metadata={
         "help": "'constant', or 'cosine' decay to 0 over --epochs", "choices": ("constant", "cosine")})
     clip_grad: float = field(default=0.0, metadata={"help": "clip the gradients' total L2 norm to this; 0 = off"})
     norm_eps: float = field(default=1e-6, metadata={
@@ -115,7 +115,7 @@ class Config:
     val_tolerance: float = field(default=0.01, metadata={
         "help": "with --select best, a later epoch replaces the kept one only if its validation score is higher "
                 "by more than this (near-ties keep the earlier, less trained encoder)"})
-    val_every: int = field(default=1, metadata={
+    val_every: int = field(default=3, metadata={
         "help": "validate every this many epochs (and before the first and after the last)"})
     alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
     feat_dim: int = field(default=0, metadata={"help": "c3, feature size after the 1x1 convs (Sec. 2.3), "
@@ -663,7 +663,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     the selected epoch."""
     model.to(device).train()
     opt = make_optimizer(model, cfg)
-    n, steps = len(images), math.ceil(len(images) / cfg.batch_size) * cfg.epochs
+    n, steps = len(images), max(1, math.ceil(len(images) / cfg.batch_size) * cfg.epochs)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731, per optimiser step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.lr_schedule == "cosine" else lambda step: 1.0)
     losses, curve, best, start, val_seconds = [], [], None, time.perf_counter(), 0.0

@@ -227,7 +227,7 @@ def test_optimiser_groups_follow_freeze_and_backbone_lr():
         in_opt = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
         lrs = {k: {in_opt.get(id(p)) for p in m.parameters()} for k, m in parts.items()}
         return trainable, lrs
-    trainable, lrs = trainable_and_lrs()
+    trainable, lrs = trainable_and_lrs(freeze="none", backbone_lr=1.0)
     assert trainable == {"stem", "layer2", "layer3", "fuse", "dec"} and all(v == {1e-3} for v in lrs.values())
     trainable, lrs = trainable_and_lrs(freeze="stem", backbone_lr=0.1)
     assert trainable == {"layer2", "layer3", "fuse", "dec"}
@@ -235,8 +235,9 @@ def test_optimiser_groups_follow_freeze_and_backbone_lr():
     assert lrs["fuse"] == lrs["dec"] == {1e-3}
     trainable, lrs = trainable_and_lrs(freeze="layer2")
     assert trainable == {"layer3", "fuse", "dec"}
-    trainable, _ = trainable_and_lrs(backbone_lr=0.0)
+    trainable, _ = trainable_and_lrs(freeze="none", backbone_lr=0.0)
     assert trainable == {"fuse", "dec"}
+    assert trainable_and_lrs() == trainable_and_lrs(freeze="stem", backbone_lr=0.1)  # the defaults
 
 
 def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(synthetic_root):
@@ -279,7 +280,7 @@ def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, 
                 "feature_norm": 1.0, "dead_units": 0.0, "normal_distance": 1.0}
     monkeypatch.setattr(pa, "validate", validate)
     cfg = pa.Config(epochs=4, batch_size=16, image_size=32, crop_size=32, backbone="resnet18", weights="none",
-                    select=select, val_tolerance=tolerance, lr=1e-3)
+                    select=select, val_tolerance=tolerance, val_every=1, lr=1e-3)
     model = pa.fit(cfg, data, 0, torch.device("cpu"))
     assert model["selected_epoch"] == expected and [r["epoch"] for r in model["validation_curve"]] == [0, 1, 2, 3, 4]
     assert [r["score"] for r in model["validation_curve"]] == fake and len(model["loss_by_epoch"]) == 4
