@@ -17,11 +17,13 @@ gives its expected output: image AUROC 99.7 on 2 cores, 2026-11-29):
         --crop-size 128 --epochs 5
 Full run (needs MVTec AD and the ImageNet weights, a GPU is strongly advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
+VisA and MVTec AD 2 as they unpack: add --dataset visa or --dataset mvtec2 (README.md, "Data layout").
 Expected numbers: see README.md (the paper reports 97.7 image AUROC on screw and 99.48 on
 average over MVTec AD; those are the paper's, not ours).
 
 Assumptions where the paper is silent (each also in README.md):
-- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation.
+- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation; the same for
+  VisA and MVTec AD 2 (on VisA's ~1500 x 1000 images the crop keeps the middle 58% of the width).
 - Encoder fusion: layer3 is upsampled bilinearly to layer2's grid; the two 1x1 convs map
   c1+c2 -> c3 -> c3 with c3 = (c1+c2)/3 by default (512 for WideResNet-101).
 - Decoder hidden width = c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
@@ -65,16 +67,30 @@ from sklearn.metrics import f1_score, roc_auc_score
 BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+DATASETS = ("mvtec", "visa", "mvtec2")  # --dataset: MVTec AD, VisA, MVTec AD 2, each as it unpacks
+DATASET_URLS = {"mvtec": "https://www.mvtec.com/company/research/datasets/mvtec-ad",
+                "visa": "https://github.com/amazon-science/spot-diff",
+                "mvtec2": "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"}
 MODEL_FORMAT = "patch_ae/1"
-# Paper, Table 1 (image AUROC, %): (PatchCore single model, Patch AE). The paper's numbers, not ours.
-PAPER_TABLE1 = {
-    "bottle": (100, 100), "cable": (99.6, 99.56), "capsule": (98.2, 99.1), "carpet": (98.4, 99.87),
-    "grid": (99.8, 99), "hazelnut": (100, 100), "leather": (100, 100), "metal_nut": (100, 99.8),
-    "pill": (97.2, 98.2), "screw": (98.9, 97.7), "tile": (98.9, 100), "toothbrush": (100, 100),
-    "transistor": (100, 99.65), "wood": (99.5, 99.69), "zipper": (99.9, 99.7),
+# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per dataset: the
+# source, then one column per method, {category: value, "mean": the mean over all the dataset's categories}.
+PEER_AUROC = {
+    "mvtec": ("the Patch AE paper, Table 1", {
+        "paper Patch AE": {"bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
+                           "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
+                           "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
+                           "mean": 99.48},
+        "paper PatchCore-1": {"bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
+                              "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
+                              "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
+                              "mean": 99.36}}),
+    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', PatchCore row; "
+             "no Patch AE number is published for VisA", {
+        "IM-IAD PatchCore": {"candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
+                             "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
+                             "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
+    "mvtec2": ("none listed here", {}),
 }
-PAPER_MEAN = (99.36, 99.48)
 
 
 class UsageError(Exception):
@@ -84,8 +100,12 @@ class UsageError(Exception):
 @dataclass
 class Config:
     data_root: str = field(default_factory=lambda: os.environ.get("MVTEC_ROOT", "./mvtec_anomaly_detection"),
-                           metadata={"help": "MVTec AD root (default: $MVTEC_ROOT, else ./mvtec_anomaly_detection)"})
-    category: str = field(default="screw", metadata={"help": "category folder under --data-root, or 'all'"})
+                           metadata={"help": "dataset root (default: $MVTEC_ROOT, else ./mvtec_anomaly_detection)"})
+    dataset: str = field(default="mvtec", metadata={
+        "help": "layout of --data-root as it unpacks: 'mvtec' (MVTec AD), 'visa' (VisA, split by split_csv/1cls.csv), "
+                "'mvtec2' (MVTec AD 2)", "choices": DATASETS})
+    category: str = field(default="screw", metadata={
+        "help": "category folder under --data-root (VisA: an object of split_csv/1cls.csv), or 'all'"})
     synthetic: bool = field(default=False, metadata={
         "help": "generate and use the offline MVTec-style category 'synthetic' (in ./synthetic_mvtec "
                 "unless --data-root is given)"})
@@ -193,6 +213,8 @@ def make_config(values: dict, given: set) -> Config:
     if cfg.synthetic:
         if "category" in given:
             raise UsageError("--synthetic makes its own category; drop --category")
+        if cfg.dataset != "mvtec":
+            raise UsageError(f"--synthetic writes MVTec AD's layout; drop --dataset {cfg.dataset}")
         cfg.category = "synthetic"
         if "data_root" not in given:
             cfg.data_root = "./synthetic_mvtec"
@@ -248,18 +270,27 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: MVTec AD layout, and a synthetic category in the same layout
+# Data: MVTec AD, VisA and MVTec AD 2 as they unpack, and a synthetic category in MVTec AD's layout
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png, "
               "ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
+VISA_CSV = Path("split_csv") / "1cls.csv"
+VISA_TREE = (f"ROOT/{VISA_CSV.as_posix()} (header object,split,label,image,mask; split train|test; label "
+             "normal|anomaly; paths relative to ROOT), ROOT/<object>/Data/Images/{Normal,Anomaly}/*.JPG, "
+             "ROOT/<object>/Data/Masks/Anomaly/*.png")
+MVTEC2_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/validation/good/*.png, "
+               "ROOT/<category>/test_public/{good,bad}/*.png, "
+               "ROOT/<category>/test_public/ground_truth/bad/<name>_mask.png")
+LAYOUTS = {"mvtec": MVTEC_TREE, "visa": VISA_TREE, "mvtec2": MVTEC2_TREE}
 
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
-    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize shorter side, centre crop.
+    """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize the shorter side, centre
+    crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides.
     Deep greyscale to 8 bit: integer modes (16-bit, and 32-bit 'I', as which older Pillow opens 16-bit
     PNGs) by the full 16-bit range, 0..65535 -> 0..255, the same for every image; float ('F') images
     with every value in [0, 1] times 255, any other float image min-max per image (no common range).
-    A deep mask: every non-zero pixel is a defect."""
+    A mask, at any depth: every non-zero pixel is a defect."""
     try:
         img = Image.open(path)
         img.load()
@@ -288,10 +319,13 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
 
 
-def find_categories(root: Path) -> list[str]:
+def find_categories(root: Path, dataset: str = "mvtec") -> list[str]:
     if not root.is_dir():
-        raise UsageError(f"--data-root {root}: folder not found; expected {MVTEC_TREE}. Get MVTec AD from "
-                         f"{MVTEC_URL} and pass --data-root (or set MVTEC_ROOT), or run with --synthetic")
+        raise UsageError(f"--data-root {root}: folder not found; expected {LAYOUTS[dataset]} (--dataset {dataset}). "
+                         f"Get it from {DATASET_URLS[dataset]} and pass --data-root (or set MVTEC_ROOT), "
+                         f"or run with --synthetic")
+    if dataset == "visa":
+        return sorted({row["object"] for row in visa_rows(root)})
     return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
 
 
@@ -300,57 +334,128 @@ class Category:
     train: torch.Tensor            # (N, 3, S, S) uint8, train/good
     test: torch.Tensor             # (M, 3, S, S) uint8
     labels: np.ndarray             # (M,) 1 = defect
-    masks: torch.Tensor | None     # (M, S, S) bool, None when the category has no ground_truth folder
+    masks: torch.Tensor | None     # (M, S, S) bool, None when no test image has a mask
     test_paths: list[Path]
-    validation: torch.Tensor | None = None  # (V, 3, S, S) uint8 normal images the dataset holds out itself
+    validation: torch.Tensor | None = None  # (V, 3, S, S) uint8: held-out normal images the dataset provides
 
 
-def load_category(root: Path, category: str, image_size: int, crop_size: int) -> Category:
-    found = find_categories(root)
-    if category not in found:
-        raise UsageError(f"--category {category}: not found under {root}; found: {', '.join(found) or 'none'} "
-                         f"(each needs {category}/train/good)")
-    base = root / category
-    train_paths = list_images(base / "train" / "good")
-    if not train_paths:
-        raise UsageError(f"{base / 'train' / 'good'}: no images ({', '.join(IMAGE_EXTS)}); add normal training images")
-    test_dirs = sorted(p for p in (base / "test").iterdir() if p.is_dir()) if (base / "test").is_dir() else []
-    test_paths = [p for d in test_dirs for p in list_images(d)]
-    if not test_paths:
-        raise UsageError(f"{base / 'test'}: no images; expected test/<good|defect_type>/*.png")
-    # Masks are matched by name: ground_truth/<type>/<stem>_mask.png belongs to test/<type>/<stem>.*
-    gt = base / "ground_truth"
-    mask_of = {} if gt.is_dir() else None
-    for p in sorted(gt.glob("*/*_mask.*")):  # none without a ground_truth folder
+def images_in(folder: Path, layout: str) -> list[Path]:
+    paths = list_images(folder)
+    if not paths:
+        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}); expected {layout}")
+    return paths
+
+
+def labelled_test_images(test_dir: Path, gt_dir: Path, layout: str) -> list[tuple[Path, int, Path | None]]:
+    """test_dir/<good|defect_type>/<name>.* -> (image, label 1 = defect, mask or None); the mask of a defect
+    image is gt_dir/<defect_type>/<name>_mask.*, matched by name, never by sorted position."""
+    dirs = sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    paths = [p for d in dirs for p in list_images(d)]
+    if not paths:
+        raise UsageError(f"{test_dir}: no images; expected {layout}")
+    mask_of = {}
+    for p in sorted(gt_dir.glob("*/*_mask.*")):  # none without a ground-truth folder
         key = (p.parent.name, p.stem[:-5])
         if key in mask_of:  # 003_mask.png and 003_mask.bmp: which one is meant cannot be guessed
-            raise UsageError(f"{mask_of[key]} and {p}: two masks for {base / 'test' / key[0] / key[1]}.*; keep one")
+            raise UsageError(f"{mask_of[key]} and {p}: two masks for {test_dir / key[0] / key[1]}.*; keep one")
         mask_of[key] = p
-    if mask_of is not None:
-        defects = {(p.parent.name, p.stem) for p in test_paths if p.parent.name != "good"}
+    if gt_dir.is_dir():  # with ground truth, every defect image needs its mask and every mask its image
+        defects = {(p.parent.name, p.stem) for p in paths if p.parent.name != "good"}
         orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))
         if orphans:
             key = orphans[0]
-            raise UsageError(f"{mask_of[key]}: mask with no test image {base / 'test' / key[0] / key[1]}.*; remove it")
+            raise UsageError(f"{mask_of[key]}: mask with no test image {test_dir / key[0] / key[1]}.*; remove it")
         if unmasked:
             key = unmasked[0]
-            raise UsageError(f"{base / 'test' / key[0] / key[1]}: defect image with no mask "
-                             f"{gt / key[0] / (key[1] + '_mask.png')}; add the mask or remove ground_truth/")
-    progress = Progress(f"reading {category}", len(train_paths) + len(test_paths), "img")
+            raise UsageError(f"{test_dir / key[0] / key[1]}: defect image with no mask "
+                             f"{gt_dir / key[0] / (key[1] + '_mask.png')}; add the mask or remove {gt_dir.name}/")
+    return [(p, int(p.parent.name != "good"), mask_of.get((p.parent.name, p.stem))) for p in paths]
 
-    def read(path):
-        progress.update()
-        return read_image(path, image_size, crop_size)
-    train = torch.stack([read(p) for p in train_paths])
-    test = torch.stack([read(p) for p in test_paths])
-    labels = np.array([int(p.parent.name != "good") for p in test_paths])
-    masks = None
-    if mask_of is not None:
-        empty = torch.zeros(crop_size, crop_size, dtype=torch.bool)
-        masks = torch.stack([empty if p.parent.name == "good" else
-                             read_image(mask_of[(p.parent.name, p.stem)], image_size, crop_size, mask=True)
-                             for p in test_paths])
-    return Category(train, test, labels, masks, test_paths)
+
+def visa_rows(root: Path) -> list[dict]:
+    """VisA's split_csv/1cls.csv as dicts, each with its line number under 'line'."""
+    path = root / VISA_CSV
+    if not path.is_file():
+        raise UsageError(f"{path}: not found; expected {VISA_TREE} (--dataset visa)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [dict(row, line=n) for n, row in enumerate(reader, start=2)]
+        missing = [c for c in ("object", "split", "label", "image", "mask") if c not in (reader.fieldnames or ())]
+    if missing:
+        raise UsageError(f"{path}: no column {', '.join(missing)} in its header row; expected {VISA_TREE}")
+    return rows
+
+
+def read_visa(root: Path, category: str) -> tuple[list, list, list]:
+    """VisA's 1cls split: train = the object's 'train' rows (normal), test = its 'test' rows."""
+    train, test = [], []
+    for row in visa_rows(root):
+        if row["object"] != category:
+            continue
+        image, mask = root / row["image"], (root / row["mask"]) if row["mask"] else None
+        split, anomaly = row["split"], row["label"] == "anomaly"
+        problems = [(split not in ("train", "test") or row["label"] not in ("normal", "anomaly"),
+                     f"split {split!r}, label {row['label']!r}"),
+                    (not image.is_file(), f"image {image} not found"),
+                    (split == "train" and anomaly, "an anomaly row in the train split"),
+                    (split == "test" and anomaly and mask is None, "an anomaly row without a mask"),
+                    (not anomaly and mask is not None, "a normal row with a mask"),
+                    (mask is not None and not mask.is_file(), f"mask {mask} not found")]
+        for bad, problem in problems:
+            if bad:
+                raise UsageError(f"{root / VISA_CSV}, line {row['line']}: {problem}; expected {VISA_TREE}")
+        if split == "train":
+            train.append(image)
+        else:
+            test.append((image, int(anomaly), mask))
+    for items, split in ((train, "train"), (test, "test")):
+        if not items:
+            raise UsageError(f"{root / VISA_CSV}: no {split} row for {category}; expected {VISA_TREE}")
+    return train, test, []
+
+
+def read_mvtec(root: Path, category: str) -> tuple[list, list, list]:
+    base = root / category
+    return (images_in(base / "train" / "good", MVTEC_TREE),
+            labelled_test_images(base / "test", base / "ground_truth", MVTEC_TREE), [])
+
+
+def read_mvtec2(root: Path, category: str) -> tuple[list, list, list]:
+    """MVTec AD 2: test_public holds the labelled test set; the test_private* folders have no labels
+    (score them with --predict); validation/good is the held-out normal set."""
+    base, public = root / category, root / category / "test_public"
+    return (images_in(base / "train" / "good", MVTEC2_TREE),
+            labelled_test_images(public, public / "ground_truth", MVTEC2_TREE),
+            images_in(base / "validation" / "good", MVTEC2_TREE))
+
+
+# --dataset -> reader: (root, category) -> (train image paths, test (image, label 1 = defect, mask path or None),
+# validation image paths: held-out normal images the dataset provides, [] when it has none)
+READERS = {"mvtec": read_mvtec, "visa": read_visa, "mvtec2": read_mvtec2}
+
+
+def load_category(root: Path, category: str, image_size: int, crop_size: int, dataset: str = "mvtec") -> Category:
+    """One category of --dataset: its reader lists (image, label, mask) paths, this reads them all."""
+    found = find_categories(root, dataset)
+    if category not in found:
+        raise UsageError(f"--category {category}: not found under {root}; found: {', '.join(found) or 'none'} "
+                         f"(expected {LAYOUTS[dataset]}; --dataset {dataset})")
+    train_paths, test_items, validation_paths = READERS[dataset](root, category)
+    progress = Progress(f"reading {category}", len(train_paths) + len(test_items) + len(validation_paths), "img")
+
+    def read(paths):
+        images = []
+        for p in paths:
+            images.append(read_image(p, image_size, crop_size))
+            progress.update()
+        return torch.stack(images) if images else None
+    test_paths = [p for p, _, _ in test_items]
+    masks, empty = None, torch.zeros(crop_size, crop_size, dtype=torch.bool)
+    if any(mask is not None for _, _, mask in test_items):  # good images get an empty mask
+        masks = torch.stack([empty if mask is None else read_image(mask, image_size, crop_size, mask=True)
+                             for _, _, mask in test_items])
+    return Category(read(train_paths), read(test_paths), np.array([label for _, label, _ in test_items]), masks,
+                    test_paths, read(validation_paths))
 
 
 DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
@@ -1050,8 +1155,13 @@ def fmt(v, digits: int = 1, scale: float = 100) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{digits}f}"
 
 
-def summarize(runs: list[dict]) -> list[dict]:
-    """One row per category (mean +- std over seeds), then a mean row, with the paper's Table 1."""
+def published(dataset: str, category: str) -> dict:
+    """Their published image AUROC (PEER_AUROC) for one category or 'mean': column name -> value or None."""
+    return {name: values.get(category) for name, values in PEER_AUROC[dataset][1].items()}
+
+
+def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
+    """One row per category (mean +- std over seeds), then a mean row, with the published peer numbers."""
     rows, metrics = [], ("image_auroc", "pixel_auroc", "pixel_aupro", "train_seconds", "ms_per_image")
     for cat in dict.fromkeys(r["category"] for r in runs):
         group, row = [r for r in runs if r["category"] == cat], {"category": cat}
@@ -1060,29 +1170,31 @@ def summarize(runs: list[dict]) -> list[dict]:
             vals = [r[m] for r in group if r[m] is not None]
             row[m] = float(np.mean(vals)) if vals else None
             row[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
-        row["paper_patchcore_single"], row["paper_patch_ae"] = PAPER_TABLE1.get(cat, (None, None))
-        rows.append(row)
+        rows.append({**row, **published(dataset, cat)})
     if len(rows) > 1:
         mean = {"category": "mean", "seeds": ""}
         for m in metrics:
             vals = [r[m] for r in rows if r[m] is not None]
             mean[m], mean[m + "_std"] = (float(np.mean(vals)) if vals else None), None
-        full = {r["category"] for r in rows} >= set(PAPER_TABLE1)
-        mean["paper_patchcore_single"], mean["paper_patch_ae"] = PAPER_MEAN if full else (None, None)
-        rows.append(mean)
+        # their mean is over all the dataset's categories: shown only when we ran all of them
+        full = all({r["category"] for r in rows} >= set(v) - {"mean"} for v in PEER_AUROC[dataset][1].values())
+        rows.append({**mean, **{name: v if full else None for name, v in published(dataset, "mean").items()}})
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], dataset: str = "mvtec") -> None:
     def pm(row, m, d=1, scale=100):
         std = row.get(m + "_std")
         return fmt(row[m], d, scale) + ("" if std is None else f" +- {fmt(std, d, scale)}")
-    print("| category | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img | paper Patch AE "
-          "| paper PatchCore-1 |\n|---|---|---|---|---|---|---|---|")
+    source, peers = PEER_AUROC[dataset]
+    print("| category | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img |"
+          + "".join(f" {name} |" for name in peers) + "\n|" + "---|" * (6 + len(peers)))
     for r in rows:
-        paper = [("n/a" if v is None else f"{v}") for v in (r["paper_patch_ae"], r["paper_patchcore_single"])]
+        theirs = "".join(f" {'n/a' if r[name] is None else r[name]} |" for name in peers)
         print(f"| {r['category']} | {pm(r, 'image_auroc')} | {pm(r, 'pixel_auroc')} | {pm(r, 'pixel_aupro')} | "
-              f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} | {paper[0]} | {paper[1]} |")
+              f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} |{theirs}")
+    if any(r[name] is not None for r in rows for name in peers):
+        print(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1229,14 +1341,15 @@ def run(cfg: Config, given: set) -> list[dict]:
         if unreadable:
             raise UsageError(unreadable)
         return []
-    categories = find_categories(root) if cfg.category == "all" else [cfg.category]
+    categories = find_categories(root, cfg.dataset) if cfg.category == "all" else [cfg.category]
     if cfg.category == "all" and not categories:
-        raise UsageError(f"--category all: no category under {root}; expected {MVTEC_TREE}")
+        raise UsageError(f"--category all: no category under {root}; expected {LAYOUTS[cfg.dataset]} "
+                         f"(--dataset {cfg.dataset})")
     if (cfg.save or cfg.predict) and len(categories) * len(cfg.seed) > 1:
         raise UsageError("--save and --predict take one category and one seed")
     runs = []
     for category in categories:
-        data = load_category(root, category, cfg.image_size, cfg.crop_size)
+        data = load_category(root, category, cfg.image_size, cfg.crop_size, cfg.dataset)
         for seed in (cfg.seed[:1] if cfg.load else cfg.seed):
             print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test images", flush=True)
             if not cfg.load:
@@ -1246,14 +1359,17 @@ def run(cfg: Config, given: set) -> list[dict]:
                                         model["validation_curve"], model["selected_epoch"],
                                         f"{category}, seed {seed}: {cfg.backbone}, weights {cfg.weights}, "
                                         f"--select {cfg.select}")
-            result = {"category": category, "seed": seed, **evaluate(cfg, model, data, device, out)}
+            result = {"dataset": cfg.dataset, "category": category, "seed": seed,
+                      **evaluate(cfg, model, data, device, out)}
             result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], n_test=len(data.test),
                           selected_epoch=model["selected_epoch"], validation_curve=model["validation_curve"],
                           loss_by_epoch=model["loss_by_epoch"], validation_seconds=model["validation_seconds"],
                           train_seconds=model["train_seconds"], bank_seconds=model["bank_seconds"],
                           memory_bank_shape=list(model["bank"].shape),
                           config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__,
-                          torchvision=torchvision.__version__, paper_table1=PAPER_TABLE1.get(category))
+                          torchvision=torchvision.__version__,
+                          published_image_auroc={**published(cfg.dataset, category),
+                                                 "source": PEER_AUROC[cfg.dataset][0]})
             runs.append(result)
             print(f"{category} seed {seed}: image AUROC {fmt(result['image_auroc'])}, pixel AUROC "
                   f"{fmt(result['pixel_auroc'])}, pixel AUPRO@30% {fmt(result['pixel_aupro'])}, F1 at threshold "
@@ -1262,8 +1378,8 @@ def run(cfg: Config, given: set) -> list[dict]:
                 save_model(cfg.save, cfg, model)
             if cfg.predict:
                 unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
-    rows = summarize(runs)
-    print_table(rows)
+    rows = summarize(runs, cfg.dataset)
+    print_table(rows, cfg.dataset)
     atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
                 out / "results.json")
     keys = list(rows[0])
