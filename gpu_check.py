@@ -1,0 +1,603 @@
+"""gpu_check.py: issue 10's whole GPU check in one run (at most 8 minutes), every figure into one JSON.
+
+Prepared on the CPU; no GPU was lent to the session that wrote it. Steps, in this order, each a
+child process with its own time cap inside one overall budget, so one slow step cannot eat the rest:
+  inventory   versions, GPU, driver, and the model-weight caches on the machine (one line)
+  tests       the whole test suite as CI runs it (GPU hidden), then the CUDA tests with the GPU
+  quickstart  the README's quick-start command with --device
+  paper       wide_resnet101_2 at 224 px, --weights none: an end-to-end run, seconds per training step
+              at batch 16 and feature ms/img, in float32 and with the encoder under bf16 autocast
+  bench       bench.py at the paper's backbones with 25,088 bank rows (a 10% coreset of 320 images)
+  coreset     the greedy coreset of 250,000 x 512 rows to 10%
+  scaling     bench.py --scaling up to 10 million bank rows (kNN beside torch.mm)
+  sweep       the kNN block budget (--knn-memory-mb) at a batch of 16 images' queries, beside torch.mm
+  quality     image AUROC on the synthetic category, 3 seeds, float32 against bf16 encoder autocast
+  ensemble    bench.py --baseline ensemble
+  weights     only if ImageNet weights of a backbone are cached: synthetic and a generated grain
+              texture with those weights, at 0 epochs and at the default recipe
+  suite_on_gpu  the whole suite with the GPU visible (device auto = CUDA), for information
+bf16 is tried here only, by wrapping Encoder.forward in torch.autocast (its output cast back to
+float32, so the memory bank, kNN distances and loss stay float32); it is no product flag.
+
+The device call a session with a GPU makes (the H200's own python3 has everything; carry nothing):
+    run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --device cuda --out $OUT",
+        timeout_s=540, carry=[])
+It ends within --budget (450 s) and writes $OUT/gpu_check.log and $OUT/gpu_check.json; its last
+lines are a summary table. To redo only some steps while the machine is still warm:
+    run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --device cuda --out $OUT --only bench,sweep --budget 200",
+        timeout_s=240, carry=[])
+Dry run on the CPU, tiny sizes (--tiny also puts random resnet18 weights under torchvision's file name
+into a temporary $TORCH_HOME, so that the weights step runs too; 24 minutes on this project's 2 shared cores):
+    nice -n 10 python gpu_check.py --device cpu --tiny --out /tmp/gpu_check_out
+Sizes and flags live in FULL and TINY below; they use only flags that patch_ae.py and bench.py have.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+# step -> its own cap in seconds on the GPU (x10 with --tiny, for a shared CPU); --budget caps the sum
+CAPS = {"inventory": 45, "tests": 120, "quickstart": 60, "paper": 120, "bench": 100, "coreset": 60,
+        "scaling": 120, "sweep": 90, "quality": 90, "ensemble": 120, "weights": 180, "suite_on_gpu": 120}
+MIN_STEP_S = 20          # a step is skipped when less than this is left of the budget
+# Patch AE on wide_resnet101_2; PatchCore on bench.py's default, wide_resnet50_2 (the ensemble: its three)
+BENCH_PAPER = ["--backbone", "wide_resnet101_2", "--weights", "none", "--image-size", "256", "--crop-size", "224",
+               "--epochs", "1"]
+FULL = {
+    "tests": [],                                          # the whole suite
+    "paper": ["--backbone", "wide_resnet101_2", "--weights", "none", "--image-size", "256", "--crop-size", "224",
+              "--epochs", "2"],
+    "timed_steps": (3, 2),                                # batches of 16 per epoch x epochs, timed per precision
+    "feature_passes": 3,                                  # timed passes over the test images per precision
+    # 32 images at coreset ratio 1 = 32 x 784 = 25,088 rows: what a 10% coreset of 320 images (screw) gives
+    "bench": BENCH_PAPER + ["--max-train", "32", "--coreset-ratio", "1", "--warmup", "2", "--repeats", "5"],
+    # 10% of 32 images gives the rows a 1% coreset of 320 images would, as the ensemble's official 1%
+    "ensemble": BENCH_PAPER + ["--max-train", "32", "--coreset-ratio", "1", "--baseline", "ensemble",
+                               "--baseline-coreset-ratio", "0.1", "--warmup", "1", "--repeats", "3"],
+    "coreset": ["--bank-rows", "1000", "--coreset-rows", "250000", "--coreset-ratio", "0.1", "--repeats", "1"],
+    "scaling": ["--bank-rows", "10000", "100000", "1000000", "10000000", "--coreset-rows", "0", "--repeats", "3"],
+    # --crop-size 896 gives (896/8)^2 = 12,544 queries: one batch of 16 images at 224 px, as score_images sends
+    "sweep": ["--image-size", "896", "--crop-size", "896", "--bank-rows", "25088", "1000000", "--coreset-rows", "0",
+              "--repeats", "3"],
+    "sweep_mb": [16, 64, 256, 1024, 4096],
+    "quality": ["--backbone", "resnet18", "--weights", "none", "--image-size", "128", "--crop-size", "128",
+                "--epochs", "5", "--seeds", "0", "1", "2"],
+    "weights": ["--image-size", "256", "--crop-size", "224"],
+    "weights_epochs": None,                               # None: (0, Config().epochs), the default recipe
+}
+TINY = {
+    "tests": ["-k", "end_to_end_on_cuda or chunked_knn_equals_brute_force"],
+    "paper": ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--crop-size", "64",
+              "--epochs", "1"],
+    "timed_steps": (2, 1),
+    "feature_passes": 1,
+    "bench": ["--backbone", "resnet18", "--baseline-backbone", "resnet18", "--weights", "none", "--image-size", "64",
+              "--crop-size", "64", "--epochs", "1", "--max-train", "4", "--max-test", "8", "--coreset-ratio", "1",
+              "--warmup", "0", "--repeats", "1"],
+    "ensemble": ["--weights", "none", "--image-size", "64", "--crop-size", "64", "--epochs", "1", "--backbone",
+                 "resnet18", "--max-train", "2", "--max-test", "4", "--baseline", "ensemble", "--warmup", "0",
+                 "--repeats", "1"],
+    "coreset": ["--bank-rows", "1000", "--coreset-rows", "2000", "--coreset-ratio", "0.1", "--repeats", "1"],
+    "scaling": ["--bank-rows", "1000", "10000", "--coreset-rows", "0", "--repeats", "1"],
+    "sweep": ["--image-size", "64", "--crop-size", "64", "--bank-rows", "2000", "--coreset-rows", "0",
+              "--repeats", "1"],
+    "sweep_mb": [1, 8],
+    "quality": ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--crop-size", "64",
+                "--epochs", "1", "--seeds", "0", "1"],
+    "weights": ["--image-size", "64", "--crop-size", "64"],
+    "weights_epochs": (0, 1),
+}
+FIGURES = ("image_auroc", "pixel_auroc", "pixel_aupro", "f1_at_threshold", "train_seconds", "bank_seconds",
+           "ms_per_image", "memory_bank_shape", "n_train", "n_test", "device", "torch", "torchvision")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for the steps (each step runs in its own child process: python gpu_check.py --step NAME)
+# ----------------------------------------------------------------------------------------------
+class Step:
+    """What a step gets: its sizes, the device, a work folder, and record(), which rewrites the
+    step's JSON at once, so the figures taken before a crash or a timeout are kept."""
+
+    def __init__(self, args):
+        self.name, self.device = args.step, args.device
+        self.s, self.work = (TINY if args.tiny else FULL), Path(args.work)
+        self.data = {}
+
+    def record(self, **figures) -> None:
+        self.data.update(figures)
+        path = self.work / f"{self.name}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def common(self, out: str) -> list[str]:
+        """--device, and an --out folder under the work folder."""
+        return ["--device", self.device, "--out", str(self.work / out)]
+
+    @property
+    def synthetic(self) -> list[str]:
+        return ["--synthetic", "--data-root", str(self.work / "synthetic_mvtec")]
+
+
+def figures(result: dict) -> dict:
+    return {k: result.get(k) for k in FIGURES}
+
+
+def pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+@contextlib.contextmanager
+def encoder_autocast(dtype):
+    """Runs patch_ae's Encoder under torch.autocast(dtype) (None: float32, as the product runs). The
+    output is cast back to float32, so the memory bank, the kNN distances and the loss stay float32."""
+    import patch_ae
+    import torch
+    plain = patch_ae.Encoder.forward
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=dtype):
+            return plain(self, x).float()
+    if dtype is not None:
+        patch_ae.Encoder.forward = forward
+    try:
+        yield
+    finally:
+        patch_ae.Encoder.forward = plain
+
+
+def precisions():
+    import torch
+    return (("fp32", None), ("bf16", torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------
+# The steps
+# ----------------------------------------------------------------------------------------------
+def weight_caches() -> list[Path]:
+    """Where model weights may lie: $TORCH_HOME, torch hub's checkpoints, Hugging Face's cache (timm's too)."""
+    import torch
+    home, env = Path.home(), os.environ
+    dirs = [Path(env["TORCH_HOME"]) if env.get("TORCH_HOME") else None, Path(torch.hub.get_dir()) / "checkpoints",
+            home / ".cache/torch/hub/checkpoints", Path(env.get("HF_HOME", home / ".cache/huggingface")),
+            Path(env["HF_HUB_CACHE"]) if env.get("HF_HUB_CACHE") else None,
+            Path(env["TIMM_CACHE_DIR"]) if env.get("TIMM_CACHE_DIR") else None, home / ".cache/timm"]
+    return list(dict.fromkeys(d for d in dirs if d is not None))
+
+
+def step_inventory(st: Step) -> int:
+    import numpy
+    import torch
+    import torchvision
+
+    from patch_ae import BACKBONES
+    info = {"python": sys.version.split()[0], "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "cpus": os.cpu_count(),
+            # float32 as the product runs: TF32 in cuDNN's convolutions (torch's default), none in matmul
+            "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            info["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                        timeout=10).stdout.strip()
+    caches, line, files = {}, [], {}
+    for d in weight_caches():
+        files[d] = [Path(r) / f for r, _, fs in os.walk(d) for f in fs][:20000] if d.is_dir() else []
+        weights = [str(f.relative_to(d)) for f in files[d] if f.suffix in (".pth", ".pt", ".safetensors", ".bin")]
+        size = sum(f.stat().st_size for f in files[d] if f.is_file())
+        caches[str(d)] = {"exists": d.is_dir(), "files": len(files[d]), "gb": size / 1e9, "weight_files": weights[:50]}
+        listed = f" ({', '.join(weights[:5])})" if weights else ""
+        line.append(f"{d}: {len(files[d])} files, {size / 1e9:.2f} GB{listed}" if d.is_dir() else f"{d}: absent")
+    # ImageNet weights of our backbones: torchvision's own file, or timm's copy of it (<name>.tv_in1k)
+    found = {}
+    for name in BACKBONES:
+        fname = Path(torchvision.models.get_model_weights(name).IMAGENET1K_V1.url).name
+        hits = [f for fs in files.values() for f in fs if f.name == fname or (
+            f"timm--{name}.tv_in1k" in str(f) and f.suffix in (".safetensors", ".bin"))]
+        if hits:
+            found[name] = {"path": str(hits[0]), "kind": "torchvision" if hits[0].name == fname else "timm"}
+    inventory = "; ".join(line) + f". ImageNet weights of our backbones: {', '.join(found) or 'none'}"
+    print(f"inventory: {inventory}", flush=True)
+    st.record(**info, caches=caches, imagenet_weights=found, inventory=inventory,
+              summary=f"{info.get('nvidia_smi') or info.get('gpu') or 'no GPU'}, torch {torch.__version__}; "
+                      f"ImageNet weights cached: {', '.join(found) or 'none'}")
+    return 0
+
+
+def pytest_run(st: Step, label: str, flags: list[str], env: dict) -> dict:
+    """One pytest run; its counts, the tests that did not pass, and the CUDA test's outcome."""
+    import importlib.util
+    import xml.etree.ElementTree as ET
+    xml = st.work / f"tests_{label}.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={xml}", *flags]
+    if importlib.util.find_spec("pytest_timeout"):
+        cmd += ["--timeout", "100"]
+    print(f"$ {'CUDA_VISIBLE_DEVICES= ' if env.get('CUDA_VISIBLE_DEVICES') == '' else ''}{shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    result = {"command": shlex.join(cmd[1:]), "rc": subprocess.call(cmd, cwd=REPO, env=env)}
+    result["wall_s"] = time.perf_counter() - t0
+    if xml.is_file():
+        cases = ET.parse(xml).getroot().iter("testcase")
+        status = {c.get("name"): next((x.tag for x in c if x.tag in ("failure", "error", "skipped")), "passed")
+                  for c in cases}
+        counts = {k: sum(v == k for v in status.values()) for k in ("passed", "failure", "error", "skipped")}
+        result.update(counts=counts, not_passed={k: v for k, v in status.items() if v != "passed"},
+                      cuda_test=status.get("test_end_to_end_on_cuda", "not collected"))
+        result["summary"] = (f"{label}: {counts['passed']} passed, {counts['failure']} failed, {counts['error']} "
+                             f"errors, {counts['skipped']} skipped in {result['wall_s']:.0f} s")
+    st.record(**{label: result})
+    return result
+
+
+def step_tests(st: Step) -> int:
+    """The suite as CI runs it (the GPU hidden: the tests are written for auto = CPU), then the CUDA tests."""
+    hidden = pytest_run(st, "gpu_hidden", st.s["tests"], dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    cuda = pytest_run(st, "cuda_tests", ["-k", "cuda"], dict(os.environ))
+    st.record(summary=f"{hidden.get('summary')}; {cuda.get('summary')}; CUDA test {cuda.get('cuda_test')}")
+    return hidden["rc"] or cuda["rc"]
+
+
+def step_suite_on_gpu(st: Step) -> int:
+    """Last, for information: the whole suite with the GPU visible, so that device auto picks CUDA."""
+    r = pytest_run(st, "gpu_visible", st.s["tests"], dict(os.environ))
+    st.record(summary=f"{r.get('summary')}; not passed: {', '.join(r.get('not_passed', {})) or 'none'}")
+    return 0
+
+
+def step_quickstart(st: Step) -> int:
+    """The README's quick-start command as it stands, plus --device."""
+    section = (REPO / "README.md").read_text().split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    line = next(ln for ln in section.splitlines() if "python patch_ae.py" in ln)
+    cmd = [sys.executable, str(REPO / "patch_ae.py"), *shlex.split(line.split("python patch_ae.py", 1)[1]),
+           "--device", st.device]
+    folder = st.work / "quickstart"
+    folder.mkdir(exist_ok=True)
+    print("$ " + shlex.join(cmd), flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.call(cmd, cwd=folder)
+    st.record(command=shlex.join(cmd[1:]), rc=rc, wall_s=time.perf_counter() - t0)
+    found = sorted(folder.glob("runs/*/results.json"))
+    if found:
+        r = figures(json.loads(found[-1].read_text()))
+        st.record(**r, summary=f"image AUROC {pct(r['image_auroc'])}, pixel AUROC {pct(r['pixel_auroc'])}, "
+                               f"AUPRO {pct(r['pixel_aupro'])}, {r['ms_per_image']:.1f} ms/img, "
+                               f"train {r['train_seconds']:.1f} s, wall {st.data['wall_s']:.0f} s")
+    return rc
+
+
+def time_training_and_features(st: Step, cfg, device) -> dict:
+    """Seconds per training step at batch 16 (CutPaste on the CPU included, as train_patch_ae runs it),
+    peak memory of training, and encoder ms per test image, on the synthetic images at cfg's size."""
+    import dataclasses
+
+    import torch
+
+    import patch_ae as pa
+    data = pa.load_category(st.work / "synthetic_mvtec", "synthetic", cfg.image_size, cfg.crop_size)
+    cfg = dataclasses.replace(cfg, batch_size=16)
+    per_epoch, epochs = st.s["timed_steps"]
+    images = data.train[:16 * per_epoch]
+    pa.seed_everything(0)
+    model = pa.PatchAE(pa.load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
+    pa.train_patch_ae(model, data.train[:16], dataclasses.replace(cfg, epochs=1), device)  # warm-up step, untimed
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = pa.clock(device)
+    pa.train_patch_ae(model, images, dataclasses.replace(cfg, epochs=epochs), device)
+    step_s = (pa.clock(device) - t0) / (per_epoch * epochs)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    encoder = model.encoder.eval()
+    pa.extract_features(encoder, data.test, 16, device)                                  # warm-up pass
+    t0, passes = pa.clock(device), st.s["feature_passes"]
+    for _ in range(passes):
+        pa.extract_features(encoder, data.test, 16, device)
+    ms = (pa.clock(device) - t0) / (passes * len(data.test)) * 1000
+    return {"train_step_s": step_s, "timed_steps": per_epoch * epochs, "peak_train_mb": peak,
+            "features_ms_per_image": ms}
+
+
+def step_paper(st: Step) -> int:
+    """Paper size, --weights none: one end-to-end run per precision, then timed steps and features."""
+    import patch_ae as pa
+    cfg, _ = pa.parse_config(st.s["paper"] + ["--device", st.device])   # the same flags, as patch_ae reads them
+    device = pa.pick_device(st.device)
+    for mode, dtype in precisions():
+        with encoder_autocast(dtype):
+            runs = pa.main(st.s["paper"] + st.synthetic + st.common(f"paper_{mode}"))
+            st.record(**{f"{mode}_run": figures(runs[0])})
+            st.record(**{f"{mode}_timing": time_training_and_features(st, cfg, device)})
+    fp, bf = st.data["fp32_timing"], st.data["bf16_timing"]
+    # a 320-image category (screw) with the 10% hold-out: 288 training images, ceil(288/16) steps per epoch
+    n_train = round(320 * (1 - cfg.holdout))
+    steps = math.ceil(n_train / 16) * pa.Config().epochs
+    projected = {"steps": steps, "train_s_fp32": steps * fp["train_step_s"], "train_s_bf16": steps * bf["train_step_s"],
+                 "bank_features_s_fp32": n_train * fp["features_ms_per_image"] / 1000}
+    st.record(projected_320_images=projected, bf16_speedup={
+        "train": fp["train_step_s"] / bf["train_step_s"],
+        "features": fp["features_ms_per_image"] / bf["features_ms_per_image"]},
+        summary=f"{cfg.backbone} {cfg.crop_size} px: {fp['train_step_s']:.3f} s/step fp32, "
+                f"{bf['train_step_s']:.3f} bf16; features {fp['features_ms_per_image']:.2f} / "
+                f"{bf['features_ms_per_image']:.2f} ms/img; projected 320 images x {pa.Config().epochs} epochs: "
+                f"{projected['train_s_fp32']:.0f} s training (fp32) + bank; image AUROC after "
+                f"{cfg.epochs} epochs fp32 {pct(st.data['fp32_run']['image_auroc'])}, "
+                f"bf16 {pct(st.data['bf16_run']['image_auroc'])}")
+    return 0
+
+
+def bench_main(argv: list[str]) -> dict:
+    import bench
+    print("$ python bench.py " + shlex.join(argv), flush=True)
+    return bench.main(argv)
+
+
+def method_line(result: dict) -> str:
+    return "; ".join(f"{m['method']} {m['total_ms']:.2f} ms/img (features {m['features_ms']:.2f}, kNN "
+                     f"{m['knn_ms']:.2f}), fit {m['fit_s']:.1f} s, peak infer {m['peak_infer_mb'] or 0:.0f} MB"
+                     for m in result["methods"])
+
+
+def step_bench(st: Step) -> int:
+    result = bench_main(st.s["bench"] + st.synthetic + ["--device", st.device])
+    st.record(**result, summary=method_line(result))
+    return 0
+
+
+def step_ensemble(st: Step) -> int:
+    result = bench_main(st.s["ensemble"] + st.synthetic + ["--device", st.device])
+    st.record(**result, summary=method_line(result))
+    return 0
+
+
+def scaling_argv(st: Step, *flags: str) -> list[str]:
+    return ["--scaling", "--feat-dim", "512", "--device", st.device, *flags]
+
+
+def step_coreset(st: Step) -> int:
+    c = bench_main(scaling_argv(st, *st.s["coreset"]))["coreset"]
+    st.record(**c, summary=f"{c['rows']} x {c['dims']} -> {c['selected']} rows in {c['seconds']:.2f} s")
+    return 0
+
+
+def step_scaling(st: Step) -> int:
+    result = bench_main(scaling_argv(st, *st.s["scaling"]))
+    rows = [r for r in result["scaling"] if r["form"] == "mm"]
+    st.record(**result, summary="mm: " + ", ".join(f"{r['bank_rows']:,} rows {r['ms']:.1f} ms (x{r['ratio_to_mm']:.2f}"
+                                                 f" of mm)" for r in rows))
+    return 0
+
+
+def step_sweep(st: Step) -> int:
+    """The kNN block budget against torch.mm on the same shapes; the best budget per bank size."""
+    rows = []
+    for mb in st.s["sweep_mb"]:
+        rows += bench_main(scaling_argv(st, *st.s["sweep"], "--knn-memory-mb", str(mb)))["scaling"]
+        st.record(rows=rows)
+    best = {}
+    for r in rows:
+        key = f"{r['form']} {r['queries']}x{r['bank_rows']}"
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = {"budget_mb": r["budget_mb"], "ms": r["ms"], "ratio_to_mm": r["ratio_to_mm"]}
+    st.record(best=best, summary="fastest budget: " + ", ".join(
+        f"{k}: {v['budget_mb']} MB (x{v['ratio_to_mm']:.2f} of mm)" for k, v in best.items() if k.startswith("mm")))
+    return 0
+
+
+def step_quality(st: Step) -> int:
+    """Image AUROC on the synthetic category, several seeds, float32 against bf16 encoder autocast."""
+    import numpy as np
+
+    import patch_ae as pa
+    for mode, dtype in precisions():
+        with encoder_autocast(dtype):
+            runs = pa.main(st.s["quality"] + st.synthetic + st.common(f"quality_{mode}"))
+        st.record(**{mode: [figures(r) | {"seed": r["seed"]} for r in runs]})
+    auroc = {m: [r["image_auroc"] for r in st.data[m]] for m in ("fp32", "bf16")}
+    ms = {m: float(np.mean([r["ms_per_image"] for r in st.data[m]])) for m in ("fp32", "bf16")}
+    diff = 100 * (np.mean(auroc["bf16"]) - np.mean(auroc["fp32"]))
+    st.record(image_auroc=auroc, bf16_minus_fp32_points=diff, fp32_seed_range_points=100 * np.ptp(auroc["fp32"]),
+              ms_per_image=ms, summary=f"image AUROC fp32 {[pct(a) for a in auroc['fp32']]}, bf16 "
+                                       f"{[pct(a) for a in auroc['bf16']]}: mean moves {diff:+.2f} points "
+                                       f"(<= 0.5: {abs(diff) <= 0.5}); ms/img {ms['fp32']:.2f} / {ms['bf16']:.2f}")
+    return 0
+
+
+def make_grain_category(root: Path, size: int = 128, n_train: int = 60, n_good: int = 16, n_defect: int = 12,
+                        seed: int = 0) -> Path:
+    """A second, texture-like category in MVTec layout: isotropic grain (1/f noise, as leather or carpet)
+    with two defect kinds unlike the synthetic weave's: a coarse-grained patch and a colour spot."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    freq = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    yy, xx = np.mgrid[0:size, 0:size] / size
+
+    def grain(beta):  # standardised noise with a 1/f^beta spectrum: larger beta, coarser grain
+        g = np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) / np.maximum(freq, 1 / size) ** beta).real
+        return (g - g.mean()) / g.std()
+
+    def texture(v):
+        tint = np.array([0.75, 0.55, 0.4]) + rng.normal(0, 0.015, 3)
+        return np.clip((0.5 + 0.12 * v)[..., None] * tint * 1.3, 0, 1)
+
+    def save(a, path, mode="RGB"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((a * 255).round().astype(np.uint8), mode).save(path)
+    base = root / "grain"
+    for i in range(n_train):
+        save(texture(grain(0.8)), base / "train/good" / f"{i:03d}.png")
+    for i in range(n_good):
+        save(texture(grain(0.8)), base / "test/good" / f"{i:03d}.png")
+    for kind in ("coarse", "spot"):
+        for i in range(n_defect):
+            (cy, cx), (ry, rx) = rng.uniform(0.25, 0.75, 2), rng.uniform(0.05, 0.1, 2)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+            img = texture(np.where(mask, grain(2.0), grain(0.8)) if kind == "coarse" else grain(0.8))
+            if kind == "spot":
+                img[mask] = np.clip(img[mask] * [0.6, 0.8, 1.2], 0, 1)
+            save(img, base / "test" / kind / f"{i:03d}.png")
+            save(mask.astype(float), base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
+    return root
+
+
+def step_weights(st: Step) -> int:
+    """Only where the inventory found ImageNet weights of a backbone: the first measurement of Patch AE
+    trained from pretrained features, at 0 epochs and at the default recipe, on two categories."""
+    import torch
+
+    import patch_ae as pa
+    inventory = st.work / "inventory.json"
+    found = json.loads(inventory.read_text()).get("imagenet_weights", {}) if inventory.is_file() else {}
+    if not found:
+        st.record(summary="not run: no ImageNet weights of our backbones in the caches (see inventory)")
+        return 0
+    backbone = next(b for b in pa.BACKBONES if b in found)
+    weights = "imagenet"
+    if found[backbone]["kind"] == "timm":  # timm's tv_in1k file holds torchvision's tensors under the same names
+        path, converted = Path(found[backbone]["path"]), st.work / f"{backbone}_tv_in1k.pth"
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        torch.save(state, converted)
+        weights = str(converted)
+    elif Path(found[backbone]["path"]).parent != Path(torch.hub.get_dir()) / "checkpoints":
+        os.environ["TORCH_HOME"] = str(Path(found[backbone]["path"]).parents[2])  # <home>/hub/checkpoints/<file>
+    epochs = st.s["weights_epochs"] or (0, pa.Config().epochs)
+    grain_root = make_grain_category(st.work / "grain_mvtec")
+    cats = {"synthetic": st.synthetic, "grain": ["--data-root", str(grain_root), "--category", "grain"]}
+    st.record(backbone=backbone, weights=weights, source=found[backbone])
+    lines = []
+    for e in epochs:  # all 0-epoch runs first: they are the cheap half
+        for cat, where in cats.items():
+            runs = pa.main(["--backbone", backbone, "--weights", weights, "--epochs", str(e), *st.s["weights"], *where,
+                            *st.common(f"weights_{cat}_{e}")])
+            st.record(**{f"{cat}_epochs_{e}": figures(runs[0])})
+            r = runs[0]
+            lines.append(f"{cat} {e} ep: image AUROC {pct(r['image_auroc'])}, AUPRO {pct(r['pixel_aupro'])}")
+            st.record(summary=f"{backbone} ImageNet ({found[backbone]['kind']}): " + "; ".join(lines))
+    return 0
+
+
+STEPS = {"inventory": step_inventory, "tests": step_tests, "quickstart": step_quickstart, "paper": step_paper,
+         "bench": step_bench, "coreset": step_coreset, "scaling": step_scaling, "sweep": step_sweep,
+         "quality": step_quality, "ensemble": step_ensemble, "weights": step_weights, "suite_on_gpu": step_suite_on_gpu}
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver: one child process per step, each under min(its cap, what is left of the budget)
+# ----------------------------------------------------------------------------------------------
+def fake_torch_home(work: Path) -> Path:
+    """--tiny only: random resnet18 weights under torchvision's file name, so the dry run takes the
+    weights step's path too. Never used on the GPU; the JSON says 'tiny'."""
+    import torch
+    import torchvision
+    folder = work / "fake_torch_home"
+    fname = Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    (folder / "hub/checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), folder / "hub/checkpoints" / fname)
+    return folder
+
+
+def tail(path: Path, start: int, lines: int = 15) -> str:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+
+
+def drive(args) -> int:
+    unknown = set(args.only.split(",")) - set(STEPS) if args.only else set()
+    if unknown:
+        print(f"error: --only {args.only}: unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out or os.environ.get("OUT") or "gpu_check_out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    log_path, json_path = out / "gpu_check.log", out / "gpu_check.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.tiny:
+        env["TORCH_HOME"] = str(fake_torch_home(work))
+    only = set(args.only.split(",")) | ({"inventory"} if "weights" in args.only else set())  # weights reads it
+    names = [n for n in STEPS if not args.only or n in only]
+    report = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny, "budget_s": args.budget,
+              "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "steps": {}}
+    start = time.perf_counter()
+    with open(log_path, "a") as log:
+        for name in names:
+            left = args.budget - (time.perf_counter() - start)
+            cap = min(CAPS[name] * (10 if args.tiny else 1), left)
+            if cap < MIN_STEP_S:
+                report["steps"][name] = {"status": "skipped", "reason": f"{left:.0f} s left of the budget"}
+                print(f"{name}: skipped, {left:.0f} s left of the budget", flush=True)
+                continue
+            print(f"\n===== {name} (cap {cap:.0f} s) =====", file=log, flush=True)
+            at = log.tell()
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--device", args.device,
+                   "--work", str(work)] + (["--tiny"] if args.tiny else [])
+            step_json = work / f"{name}.json"
+            step_json.unlink(missing_ok=True)  # a reused --work folder: no figures of an earlier run
+            t0 = time.perf_counter()
+            child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)  # its own group: a timeout kills its children too
+            try:
+                status = "ok" if child.wait(timeout=cap) == 0 else f"failed (exit {child.returncode})"
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                status = f"timed out after {cap:.0f} s"
+            seconds = time.perf_counter() - t0
+            found = json.loads(step_json.read_text()) if step_json.is_file() else {}
+            report["steps"][name] = {"status": status, "wall_s": seconds, "cap_s": cap, "figures": found}
+            json_path.write_text(json.dumps(report, indent=1, default=str))
+            print(f"{name}: {status}, {seconds:.0f} s. {found.get('summary', '')}", flush=True)
+            if status != "ok":
+                log.flush()
+                print("  " + tail(log_path, at).replace("\n", "\n  "), flush=True)
+    report["wall_s"] = time.perf_counter() - start
+    json_path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\n| step | status | s | figures |\n|---|---|---|---|")
+    for name, r in report["steps"].items():
+        figures_line = r.get("figures", {}).get("summary", r.get("reason", ""))
+        print(f"| {name} | {r['status']} | {r.get('wall_s', 0):.0f} | {figures_line} |")
+    print(f"\n{report['wall_s']:.0f} s in all; every figure: {json_path}; log: {log_path}")
+    return 0 if all(r["status"] == "ok" for r in report["steps"].values()) else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device for every step")
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (TINY), for a dry run on the CPU")
+    p.add_argument("--out", default="", help="folder for gpu_check.log and gpu_check.json (default: $OUT)")
+    p.add_argument("--work", default="", help="folder for data and runs (default: a new temporary folder)")
+    p.add_argument("--only", default="", help=f"comma-separated steps to run (default all: {','.join(STEPS)})")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 450; 7200 with --tiny)")
+    p.add_argument("--step", choices=tuple(STEPS), help=argparse.SUPPRESS)  # internal: run one step in this process
+    args = p.parse_args()
+    if args.budget is None:
+        args.budget = 7200 if args.tiny else 450
+    if args.step:
+        return STEPS[args.step](Step(args))
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
