@@ -135,7 +135,7 @@ class Config:
     val_tolerance: float = field(default=0.01, metadata={
         "help": "with --select best, a later epoch replaces the kept one only if its validation score is higher "
                 "by more than this (near-ties keep the earlier, less trained encoder)"})
-    val_every: int = field(default=3, metadata={
+    val_every: int = field(default=2, metadata={
         "help": "validate every this many epochs (and before the first and after the last)"})
     alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
     feat_dim: int = field(default=0, metadata={"help": "c3, feature size after the 1x1 convs (Sec. 2.3), "
