@@ -1048,14 +1048,15 @@ def atomic_save(obj, path: Path) -> None:
 
 
 MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
+# what a model file keeps of fit()'s result besides the encoder and the bank (older files may lack the last four)
+MODEL_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "validation_curve",
+                "loss_by_epoch")
 
 
 def save_model(path: str, cfg: Config, model: dict) -> None:
     """One file with all that scoring needs: encoder weights, memory bank, threshold, config, versions."""
     atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg), "encoder": model["encoder"].state_dict(),
-                 "memory_bank": model["bank"].cpu(), "threshold": model["threshold"], "map_range": model["map_range"],
-                 "n_train": model["n_train"], "n_holdout": model["n_holdout"], "selected_epoch": model["selected_epoch"],
-                 "validation_curve": model["validation_curve"], "loss_by_epoch": model["loss_by_epoch"],
+                 "memory_bank": model["bank"].cpu(), **{key: model[key] for key in MODEL_FIELDS},
                  "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}}, Path(path))
     print(f"saved model to {path}")
 
@@ -1166,13 +1167,14 @@ def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
     for cat in dict.fromkeys(r["category"] for r in runs):
         group, row = [r for r in runs if r["category"] == cat], {"category": cat}
         row["seeds"] = " ".join(str(r["seed"]) for r in group)
+        row["protocol"] = "; ".join(dict.fromkeys(r["protocol"] for r in group))
         for m in metrics:
             vals = [r[m] for r in group if r[m] is not None]
             row[m] = float(np.mean(vals)) if vals else None
             row[m + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
         rows.append({**row, **published(dataset, cat)})
     if len(rows) > 1:
-        mean = {"category": "mean", "seeds": ""}
+        mean = {"category": "mean", "seeds": "", "protocol": "; ".join(dict.fromkeys(r["protocol"] for r in rows))}
         for m in metrics:
             vals = [r[m] for r in rows if r[m] is not None]
             mean[m], mean[m + "_std"] = (float(np.mean(vals)) if vals else None), None
@@ -1195,6 +1197,7 @@ def print_table(rows: list[dict], dataset: str = "mvtec") -> None:
               f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} |{theirs}")
     if any(r[name] is not None for r in rows for name in peers):
         print(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
+    print(f"protocol: {rows[-1]['protocol']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1215,6 +1218,11 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
     if not len(held) and cfg.select == "best" and cfg.epochs > 0:
         raise UsageError("--select best validates on held-out normal images, and --holdout 0 leaves none; "
                          "pass --holdout > 0, or --select last to keep the last epoch")
+    protocol = ("all of train/good trains and fills the bank, as the paper's (the dataset's own normal images "
+                "validate)" if data.validation is not None else
+                "all of train/good trains and fills the bank, as the paper's" if not len(held) else
+                f"{len(held)} of {len(data.train)} train/good images held out for validation and the threshold, "
+                f"not the paper's protocol")
     print(f"training on {len(train)} images, {len(held)} held out for validation and the threshold", flush=True)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
@@ -1235,7 +1243,7 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
         map_range = (float(maps.min()), float(maps.max()))  # heatmap colours: red = above any held-out pixel
         print(f"threshold {threshold:.4f} = {cfg.threshold_quantile:g} quantile of {len(held)} held-out scores")
     return {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": map_range,
-            "n_train": len(train), "n_holdout": len(held), "train_seconds": train_seconds,
+            "n_train": len(train), "n_holdout": len(held), "protocol": protocol, "train_seconds": train_seconds,
             "bank_seconds": bank_seconds, **training}
 
 
@@ -1325,10 +1333,8 @@ def run(cfg: Config, given: set) -> list[dict]:
     if cfg.load:
         encoder, blob = load_model(cfg.load, cfg, given)
         model = {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
-                 "threshold": blob["threshold"], "map_range": blob["map_range"], "n_train": blob["n_train"],
-                 "n_holdout": blob["n_holdout"], "selected_epoch": blob.get("selected_epoch"),
-                 "validation_curve": blob.get("validation_curve", []), "loss_by_epoch": blob.get("loss_by_epoch", []),
-                 "train_seconds": 0.0, "bank_seconds": 0.0, "validation_seconds": 0.0}
+                 **{key: blob.get(key) for key in MODEL_FIELDS}, "train_seconds": 0.0, "bank_seconds": 0.0,
+                 "validation_seconds": 0.0}
         cfg.image_score = blob["config"]["image_score"] if "image_score" not in given else cfg.image_score
     weights = "from " + cfg.load if cfg.load else cfg.weights
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -1361,7 +1367,8 @@ def run(cfg: Config, given: set) -> list[dict]:
                                         f"--select {cfg.select}")
             result = {"dataset": cfg.dataset, "category": category, "seed": seed,
                       **evaluate(cfg, model, data, device, out)}
-            result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], n_test=len(data.test),
+            result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], protocol=model["protocol"],
+                          n_test=len(data.test),
                           selected_epoch=model["selected_epoch"], validation_curve=model["validation_curve"],
                           loss_by_epoch=model["loss_by_epoch"], validation_seconds=model["validation_seconds"],
                           train_seconds=model["train_seconds"], bank_seconds=model["bank_seconds"],

@@ -504,7 +504,9 @@ def test_zero_epochs_selects_epoch_0_and_the_model_file_keeps_the_selection(synt
 def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, tmp_path):
     argv = ["--data-root", str(synthetic_root), "--category", "synthetic", "--out", str(tmp_path), *TINY, "--holdout", "0"]
     expect_error(capsys, argv, "--select best", "--holdout 0", "--select last")
-    assert pa.main(argv + ["--select", "last"])[0]["selected_epoch"] == 1
+    result = pa.main(argv + ["--select", "last"])[0]
+    assert result["selected_epoch"] == 1 and result["protocol"] == "all of train/good trains and fills the bank, as the paper's"
+    assert "protocol: all of train/good trains and fills the bank, as the paper's" in capsys.readouterr().out
 
 
 def test_validation_uses_the_datasets_own_held_out_images(synthetic_root):
@@ -638,6 +640,7 @@ def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_pat
     table = capsys.readouterr().out
     assert "| screw |" in table and "| mean |" in table and " +- " in table
     assert "| 97.7 | 98.9 |" in table  # the paper's Table 1 screw values, beside ours
+    assert "protocol: 6 of 60 train/good images held out for validation and the threshold, not the paper's" in table
     rows = (out / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["category", "screw", "synthetic", "mean"]
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -1025,7 +1028,7 @@ def tiny_model(tmp_path_factory) -> tuple[Path, float]:
     threshold = float(np.median(scores))
     pa.save_model(str(path), pa.Config(backbone="resnet18", weights="none", image_size=32, crop_size=32),
                   {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": (0.0, 2 * threshold),
-                   "n_train": 4, "n_holdout": 0, "selected_epoch": 0, "validation_curve": [], "loss_by_epoch": []})
+                   "n_train": 4, "n_holdout": 0, "protocol": "test", "selected_epoch": 0, "validation_curve": [], "loss_by_epoch": []})
     return path, threshold
 
 
