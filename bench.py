@@ -311,7 +311,7 @@ def load_data(args) -> Category:
     root = Path(args.data_root)
     if args.synthetic:
         make_synthetic_category(root)
-    data = load_category(root, args.category, args.image_size, args.crop_size)
+    data = load_category(root, args.category, args.image_size, args.crop_size, args.dataset)
     keep = evenly(args.max_test, len(data.test))
     return dataclasses.replace(
         data, train=data.train[:args.max_train or None], test=data.test[keep], labels=data.labels[keep],

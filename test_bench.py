@@ -223,3 +223,12 @@ def test_scaling_reads_c3_without_building_the_backbone(monkeypatch, capsys):
                          "--crop-size", "32", "--image-size", "32"])
     assert devices == [("wide_resnet101_2", "meta")]           # no 127M-parameter network built
     assert {r["dims"] for r in result["scaling"]} == {512}     # c3 = (512 + 1024) / 3
+
+
+def test_dataset_flag_reaches_the_reader(tmp_path, capsys):
+    """--dataset is one of patch_ae's flags that bench takes: it must choose the layout bench reads."""
+    with pytest.raises(SystemExit):
+        bench.main(["--dataset", "visa", "--data-root", str(tmp_path / "nowhere"), "--weights", "none",
+                    "--backbone", "resnet18", "--baseline-backbone", "resnet18", "--crop-size", "32", "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert "--dataset visa" in err and "split_csv/1cls.csv" in err
