@@ -1372,10 +1372,11 @@ def run(cfg: Config, given: set) -> list[dict]:
             if not cfg.load:
                 model = fit(cfg, data, seed, device)
                 if model["loss_by_epoch"] or model["validation_curve"]:
-                    save_training_curve(out / f"training_{category}_{seed}.png", model["loss_by_epoch"],
-                                        model["validation_curve"], model["selected_epoch"],
+                    png = out / f"training_{category}_{seed}.png"
+                    save_training_curve(png, model["loss_by_epoch"], model["validation_curve"], model["selected_epoch"],
                                         f"{category}, seed {seed}: {cfg.backbone}, weights {cfg.weights}, "
                                         f"--select {cfg.select}")
+                    print(f"training curve: {png}", flush=True)
             result = {"dataset": cfg.dataset, "category": category, "seed": seed,
                       **evaluate(cfg, model, data, device, out)}
             result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], protocol=model["protocol"],

@@ -493,8 +493,9 @@ def test_zero_epochs_selects_epoch_0_and_the_model_file_keeps_the_selection(synt
     trained = run_main(TINY[:-1] + ["0", "--save", str(model)], tmp_path / "a", synthetic_root)
     printed = capsys.readouterr().out
     assert trained["selected_epoch"] == 0 and [r["epoch"] for r in trained["validation_curve"]] == [0]
+    png = tmp_path / "a" / "out" / "training_synthetic_0.png"
     assert "validation, epoch 0: image AUROC" in printed and "selected epoch 0" in printed
-    assert trained["loss_by_epoch"] == [] and (tmp_path / "a" / "out" / "training_synthetic_0.png").is_file()
+    assert f"training curve: {png}" in printed and trained["loss_by_epoch"] == [] and png.is_file()
     blob = torch.load(model, weights_only=True)
     assert blob["selected_epoch"] == 0 and blob["validation_curve"] == trained["validation_curve"]
     loaded = run_main(["--load", str(model)], tmp_path / "b", synthetic_root)
@@ -777,7 +778,10 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (quick,) = readme_commands("Quick start")
     result = pa.main(quick)[0]
-    assert result["image_auroc"] >= 0.95 and "image AUROC" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert result["image_auroc"] >= 0.95 and "validation, epoch 5: image AUROC" in printed
+    assert f"selected epoch {result['selected_epoch']} (best;" in printed
+    assert len(list((tmp_path / "runs").glob("synthetic__0__*/training_synthetic_0.png"))) == 1
     shutil.copytree(synthetic_root / "synthetic", tmp_path / "my_data" / "my_part")
     shutil.copytree(synthetic_root / "synthetic" / "test", tmp_path / "incoming")
     train, predict = readme_commands("Using it on your own images")
