@@ -280,8 +280,8 @@ def test_all_mvtec2_categories_end_to_end_without_peer_columns(tmp_path, capsys)
 
 
 def test_peer_mean_is_shown_only_when_every_category_ran():
-    run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None, "train_seconds": 1.0, "protocol": "test",
-           "ms_per_image": 1.0}
+    run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None, "train_seconds": 1.0,
+           "ms_per_image": 1.0, "protocol": "test"}
     objects = [c for c in pa.PEER_AUROC["visa"][1]["IM-IAD PatchCore"] if c != "mean"]
     assert len(objects) == 12
     rows = pa.summarize([dict(run, category=c) for c in objects], "visa")
