@@ -27,7 +27,7 @@ lines are a summary table. To redo only some steps while the machine is still wa
     run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --device cuda --out $OUT --only bench,sweep --budget 200",
         timeout_s=240, carry=[])
 Dry run on the CPU, tiny sizes (--tiny also puts random resnet18 weights under torchvision's file name
-into a temporary $TORCH_HOME, so that the weights step runs too; 24 minutes on this project's 2 shared cores):
+into a temporary $TORCH_HOME, so that the weights step runs too; 258 s on this project's 2 shared cores, 2026-11-29):
     nice -n 10 python gpu_check.py --device cpu --tiny --out /tmp/gpu_check_out
 Sizes and flags live in FULL and TINY below; they use only flags that patch_ae.py and bench.py have.
 """
