@@ -322,10 +322,11 @@ def load_data(args) -> Category:
 # Scaling: kNN time and working memory against the bank size, and the coreset's time
 # ----------------------------------------------------------------------------------------------
 def scaling(args, device: torch.device, meter: MemoryMeter) -> dict:
-    """knn_bench for one image's patches against each bank size in --bank-rows, then one timed coreset."""
+    """knn_bench for --scaling-images images' patches against each bank size in --bank-rows, then one timed
+    coreset."""
     with torch.device("meta"):  # c3 of --backbone from the real Encoder, without building its weights
         dims = Encoder(load_backbone(args.backbone, "none"), args.feat_dim).feat_dim
-    n_queries = (args.crop_size // Encoder.stride) ** 2                           # one image's patches
+    n_queries = args.scaling_images * (args.crop_size // Encoder.stride) ** 2     # those images' patches
     g = torch.Generator().manual_seed(args.seed)
     queries = torch.randn(n_queries, dims, generator=g).to(device)               # (Q, D)
     rows = []
@@ -437,8 +438,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # PatchCore does (holdout 0: no threshold, no validation, so the last epoch is kept: --select last),
 # with one seed (bench's own --seed, which also seeds the baseline and the random features), and bench
 # writes only its tables and --json.
-NOT_IN_BENCH = ("holdout", "threshold_quantile", "select", "val_every", "val_tolerance", "seed", "out", "overwrite",
-                "save", "load", "predict", "save_maps")
+NOT_IN_BENCH = ("holdout", "threshold_quantile", "select", "val_every", "val_budget", "val_tolerance", "seed", "out",
+                "overwrite", "save", "load", "predict", "save_maps", "report_images")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -468,6 +469,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="instead of the method comparison: kNN time and memory against --bank-rows, and the coreset")
     b.add_argument("--bank-rows", type=int, nargs="+", default=[10_000, 50_000, 200_000, 1_000_000],
                    help="with --scaling: memory bank sizes (rows of --feat-dim random features)")
+    b.add_argument("--scaling-images", type=int, default=1,
+                   help="with --scaling: the queries are this many images' patches (16 = one batch at the defaults)")
     b.add_argument("--coreset-rows", type=int, default=100_000,
                    help="with --scaling: time the greedy coreset of this many rows to --coreset-ratio; 0 = skip")
     b.add_argument("--seed", type=int, default=0, help="seed for training, coreset and synthetic features")
@@ -490,6 +493,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                "--baseline-coreset-ratio must be in (0, 1]"),
               (args.max_train >= 0 and args.max_test >= 0, "--max-train and --max-test must be >= 0 (0 = all)"),
               (min(args.bank_rows) >= 1, "--bank-rows must all be >= 1"),
+              (args.scaling_images >= 1, "--scaling-images must be >= 1"),
               (args.coreset_rows >= 0, "--coreset-rows must be >= 0 (0 = skip)"),
               (not (args.baseline == "ensemble" and args.baseline_backbone),
                "--baseline-backbone is for --baseline single; the ensemble is " + " + ".join(ENSEMBLE)),
@@ -536,7 +540,8 @@ def run(args, argv: list[str]) -> dict:
     head["other_cpu_share"] = other_cpu_share(cpu_start)
     print(f"\n{header_line(head)}\n")
     if args.scaling:
-        print(f"kNN scaling: one image's {result['scaling'][0]['queries']} patches against a random bank, "
+        print(f"kNN scaling: {result['scaling'][0]['queries']} query patches ({args.scaling_images} image(s)) "
+              f"against a random bank, "
               f"{args.repeats} timed runs after {args.warmup} warm-up\n")
         print(markdown(result["scaling"], KNN_COLUMNS))
         if result["coreset"]:

@@ -11,48 +11,40 @@ normal training images (a memory bank, as in PatchCore).
     shuffle) --> one 8x8 patch per feature vector --> hybrid patch loss (Eq. 3)
     test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map, image score = max
 
-Offline CPU run in seconds (random-init resnet18 on a generated MVTec-style category; README.md
-gives its expected output, the validation lines and the selected epoch):
+Offline CPU run in about a minute (random-init resnet18 on a generated MVTec-style category; README.md
+gives its expected output):
     python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 128 \
         --crop-size 128 --epochs 5
 Full run (needs MVTec AD and the ImageNet weights, a GPU is strongly advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
-VisA and MVTec AD 2 as they unpack: add --dataset visa or --dataset mvtec2 (README.md, "Data layout").
-Expected numbers: see README.md (the paper reports 97.7 image AUROC on screw and 99.48 on
-average over MVTec AD; those are the paper's, not ours).
+VisA and MVTec AD 2 as they unpack: add --dataset visa or --dataset mvtec2. Each run writes
+results.json, results.csv and report.html (curves, ROC, the images scored right and wrong) to --out.
+The paper reports 97.7 image AUROC on screw and 99.48 on average over MVTec AD: the paper's numbers.
 
-Assumptions where the paper is silent (each also in README.md):
-- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation; the same for
-  VisA and MVTec AD 2 (on VisA's ~1500 x 1000 images the crop keeps the middle 58% of the width).
-- Encoder fusion: layer3 is upsampled bilinearly to layer2's grid; the two 1x1 convs map
-  c1+c2 -> c3 -> c3 with c3 = (c1+c2)/3 by default (512 for WideResNet-101).
-- Decoder hidden width = c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
-- CutPaste: applied with p=0.5, then "normal" or "scar" with equal odds (CutPaste-3way style).
-- Loss: per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over the batch;
-  norm() standardises each patch over its 3*8*8 values, prediction and target alike.
-- Training: Adam, 50 epochs, batch 16, BatchNorm statistics frozen (batches are small and the
-  features must stay comparable). Recipe chosen by measurement (README.md, "Training"): the new
-  1x1 layers at lr 1e-4, the pretrained layer2/layer3 at 0.1 x that, the stem (conv1 + layer1)
-  frozen, cosine decay to 0; the end-to-end constant 1e-4 recipe collapsed within 20 epochs.
-  Eq. 3 as written (eps 1e-6), no gradient clipping.
-- Validation and selection: the held-out normal images, each also with a scratch, a blob and a
-  stain (not CutPaste's shapes) and their masks, scored against a bank of the current encoder's
-  training features before training, every 2nd epoch (13% of the training time at the defaults)
-  and after the last; the encoder of the best mean of image and pixel AUROC is kept, a later
-  epoch only if it is better by more than 0.01 (--select best).
-- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, started as the
-  official sampler (mean distance to 10 random rows).
-- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 (PatchCore's Eq. 6; its code squares it); computed as
-  ||q||^2 - 2 q.m + ||m||^2 in cache-sized blocks (bench.py: 0.98 of torch.mm on CPU, faster than torch.cdist).
-- Threshold: 0.99 quantile of the image scores of a held-out 10% of train/good (so by default
-  90% of train/good trains the model and fills the memory bank; --holdout 0 --select last is the
-  paper's protocol, and results say which one made them).
+Assumptions where the paper is silent (README.md gives the reasons, docs/training.md the measurements):
+- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation (all datasets).
+- Encoder fusion: layer3 upsampled bilinearly to layer2's grid; 1x1 convs c1+c2 -> c3 -> c3, c3 = (c1+c2)/3.
+- Decoder hidden width c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
+- CutPaste with p = 0.5, then "normal" or "scar" with equal odds (CutPaste-3way style).
+- Loss: per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over the batch; norm()
+  standardises each patch over its 3*8*8 values, prediction and target alike (eps 1e-6).
+- Training (chosen by measurement): Adam, 50 epochs, batch 16, BatchNorm statistics frozen; the new 1x1
+  layers at lr 1e-4, layer2/layer3 at 0.1 x that, the stem frozen, cosine decay to 0.
+- Validation: 10% of train/good held out, each image also with a drawn scratch, blob and stain, scored
+  against a bank of the current encoder's features at epoch 0, every k-th epoch (k chosen so that
+  validation costs about 15% of training) and after the last; the best mean of image and pixel AUROC
+  is kept (a later epoch must beat it by 0.01). --holdout 0 --select last is the paper's protocol.
+- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, official start.
+- kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 (PatchCore's Eq. 6; its code squares it), in blocks.
+- Threshold: 0.99 quantile of the held-out normal images' scores.
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import dataclasses
+import html
 import io
 import json
 import math
@@ -70,8 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageDraw
-from sklearn.metrics import f1_score, roc_auc_score
+from PIL import Image
+from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -106,69 +98,63 @@ class UsageError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, no traceback."""
 
 
+def flag(default, help: str, **argparse_options):
+    """A Config field and its command-line flag: the default (a function: called for each Config), the
+    --help text, other argparse options."""
+    meta = {"help": help, **argparse_options}
+    return field(default_factory=default, metadata=meta) if callable(default) else field(default=default, metadata=meta)
+
+
 @dataclass
 class Config:
-    data_root: str = field(default_factory=lambda: os.environ.get("MVTEC_ROOT", "./mvtec_anomaly_detection"),
-                           metadata={"help": "dataset root (default: $MVTEC_ROOT, else ./mvtec_anomaly_detection)"})
-    dataset: str = field(default="mvtec", metadata={
-        "help": "layout of --data-root as it unpacks: 'mvtec' (MVTec AD), 'visa' (VisA, split by split_csv/1cls.csv), "
-                "'mvtec2' (MVTec AD 2)", "choices": DATASETS})
-    category: str = field(default="screw", metadata={
-        "help": "category folder under --data-root (VisA: an object of split_csv/1cls.csv), or 'all'"})
-    synthetic: bool = field(default=False, metadata={
-        "help": "generate and use the offline MVTec-style category 'synthetic' (in ./synthetic_mvtec "
-                "unless --data-root is given)"})
-    backbone: str = field(default="wide_resnet101_2", metadata={"help": "encoder backbone (Sec. 2.3)",
-                                                               "choices": BACKBONES})
-    weights: str = field(default="imagenet", metadata={
-        "help": "backbone init: 'imagenet' (torchvision IMAGENET1K_V1, read from $TORCH_HOME/hub/checkpoints "
-                "when offline), 'none' (random init), or a path to a state_dict file"})
-    image_size: int = field(default=256, metadata={"help": "resize the shorter side to this (PatchCore: 256)"})
-    crop_size: int = field(default=224, metadata={"help": "centre crop, a multiple of 8 (PatchCore: 224)"})
-    epochs: int = field(default=50, metadata={"help": "training epochs (paper: not stated)"})
-    batch_size: int = field(default=16, metadata={"help": "training and inference batch size"})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the new layers (paper: not stated)"})
-    backbone_lr: float = field(default=0.1, metadata={
-        "help": "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)"})
-    freeze: str = field(default="stem", metadata={
-        "help": "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
-        "choices": ("none", "stem", "layer2")})
-    lr_schedule: str = field(default="cosine", metadata={
-        "help": "'constant', or 'cosine' decay to 0 over --epochs", "choices": ("constant", "cosine")})
-    clip_grad: float = field(default=0.0, metadata={"help": "clip the gradients' total L2 norm to this; 0 = off"})
-    norm_eps: float = field(default=1e-6, metadata={
-        "help": "eps of norm() in Eq. 3: patch standardisation divides by sqrt(var + eps)"})
-    select: str = field(default="best", metadata={
-        "help": "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' epoch",
-        "choices": ("best", "last")})
-    val_tolerance: float = field(default=0.01, metadata={
-        "help": "with --select best, a later epoch replaces the kept one only if its validation score is higher "
-                "by more than this (near-ties keep the earlier, less trained encoder)"})
-    val_every: int = field(default=2, metadata={
-        "help": "validate every this many epochs (and before the first and after the last)"})
-    alpha: float = field(default=0.5, metadata={"help": "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]"})
-    feat_dim: int = field(default=0, metadata={"help": "c3, feature size after the 1x1 convs (Sec. 2.3), "
-                                                       "< c1+c2; 0 = (c1+c2)/3"})
-    coreset_ratio: float = field(default=0.1, metadata={"help": "memory bank coreset fraction in (0, 1]; 1 keeps all"})
-    image_score: str = field(default="max", metadata={
-        "help": "image score: 'max' patch score (Sec. 2.6) or PatchCore's 'reweight' (k=9)",
-        "choices": ("max", "reweight")})
-    knn_memory_mb: int = field(default=0, metadata={
-        "help": "memory budget of one kNN distance block, MB; 0 = 8 on CPU (a block in cache), 256 on CUDA"})
-    holdout: float = field(default=0.1, metadata={
-        "help": "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold"})
-    threshold_quantile: float = field(default=0.99, metadata={
-        "help": "threshold = this quantile of the held-out normal images' scores, in (0, 1]"})
-    device: str = field(default="auto", metadata={"help": "auto = cuda when present", "choices": ("auto", "cpu", "cuda")})
-    seed: list = field(default_factory=lambda: [0], metadata={
-        "help": "one or more seeds (--seeds 0 1 2 repeats the run and reports mean +- std)", "nargs": "+",
-        "type": int, "aliases": ("--seeds",)})
-    out: str = field(default="", metadata={"help": "output folder (default: runs/<category>__<seed>__<time>)"})
-    overwrite: bool = field(default=False, metadata={"help": "allow writing into an --out folder that has results"})
-    save: str = field(default="", metadata={"help": "write the model (encoder, memory bank, threshold) to this file"})
-    load: str = field(default="", metadata={"help": "skip training: score with a model file made by --save"})
-    predict: str = field(default="", metadata={"help": "score every image under this folder into predictions.csv"})
-    save_maps: int = field(default=0, metadata={"help": "write heatmap PNGs for this many test images"})
+    data_root: str = flag(lambda: os.environ.get("MVTEC_ROOT", "./mvtec_anomaly_detection"),
+                          "dataset root (default: $MVTEC_ROOT, else ./mvtec_anomaly_detection)")
+    dataset: str = flag("mvtec", "layout of --data-root as it unpacks: 'mvtec' (MVTec AD), 'visa' (VisA, split by "
+                        "split_csv/1cls.csv), 'mvtec2' (MVTec AD 2)", choices=DATASETS)
+    category: str = flag("screw", "category folder under --data-root (VisA: an object of split_csv/1cls.csv), or 'all'")
+    synthetic: bool = flag(False, "generate and use the offline MVTec-style category 'synthetic' (in ./synthetic_mvtec "
+                           "unless --data-root is given)")
+    backbone: str = flag("wide_resnet101_2", "encoder backbone (Sec. 2.3)", choices=BACKBONES)
+    weights: str = flag("imagenet", "backbone init: 'imagenet' (torchvision IMAGENET1K_V1, read from "
+                        "$TORCH_HOME/hub/checkpoints when offline), 'none' (random init), or a path to a state_dict file")
+    image_size: int = flag(256, "resize the shorter side to this (PatchCore: 256)")
+    crop_size: int = flag(224, "centre crop, a multiple of 8 (PatchCore: 224)")
+    epochs: int = flag(50, "training epochs (paper: not stated)")
+    batch_size: int = flag(16, "training and inference batch size")
+    lr: float = flag(1e-4, "Adam learning rate of the new layers (paper: not stated)")
+    backbone_lr: float = flag(0.1, "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)")
+    freeze: str = flag("stem", "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
+                       choices=("none", "stem", "layer2"))
+    lr_schedule: str = flag("cosine", "'constant', or 'cosine' decay to 0 over --epochs", choices=("constant", "cosine"))
+    clip_grad: float = flag(0.0, "clip the gradients' total L2 norm to this; 0 = off")
+    norm_eps: float = flag(1e-6, "eps of norm() in Eq. 3: patch standardisation divides by sqrt(var + eps)")
+    select: str = flag("best", "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' "
+                       "epoch", choices=("best", "last"))
+    val_tolerance: float = flag(0.01, "with --select best, a later epoch replaces the kept one only if its validation "
+                                "score is higher by more than this (near-ties keep the earlier, less trained encoder)")
+    val_every: int = flag(0, "validate every this many epochs (and before the first and after the last); 0 = chosen "
+                          "after the first epoch from the measured seconds of one validation and one epoch")
+    val_budget: float = flag(0.15, "with --val-every 0: validation's target share of the training time")
+    alpha: float = flag(0.5, "alpha in Eq. 3, weight of the patch-normalised term, in [0, 1]")
+    feat_dim: int = flag(0, "c3, feature size after the 1x1 convs (Sec. 2.3), < c1+c2; 0 = (c1+c2)/3")
+    coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]; 1 keeps all")
+    image_score: str = flag("max", "image score: 'max' patch score (Sec. 2.6) or PatchCore's 'reweight' (k=9)",
+                            choices=("max", "reweight"))
+    knn_memory_mb: int = flag(0, "memory budget of one kNN distance block, MB; 0 = 8 on CPU (a block in cache), "
+                              "256 on CUDA")
+    holdout: float = flag(0.1, "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold")
+    threshold_quantile: float = flag(0.99, "threshold = this quantile of the held-out normal images' scores, in (0, 1]")
+    device: str = flag("auto", "auto = cuda when present", choices=("auto", "cpu", "cuda"))
+    seed: list = flag(lambda: [0], "one or more seeds (--seeds 0 1 2 repeats the run and reports mean +- std)", nargs="+",
+                      type=int, aliases=("--seeds",))
+    out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)")
+    overwrite: bool = flag(False, "allow writing into an --out folder that has results")
+    save: str = flag("", "write the model (encoder, memory bank, threshold) to this file")
+    load: str = flag("", "skip training: score with a model file made by --save")
+    predict: str = flag("", "score every image under this folder into predictions.csv")
+    save_maps: int = flag(0, "write heatmap PNGs for this many test images")
+    report_images: int = flag(12, "images in each gallery of report.html (top-scoring defects, false alarms, "
+                              "misses); 0 = no report")
 
 
 def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False, exclude: tuple = ()) -> None:
@@ -199,7 +185,8 @@ def check_config(cfg: Config) -> None:
     checks = [(cfg.epochs >= 0, "--epochs must be >= 0"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
               (cfg.lr > 0, "--lr must be > 0"), (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
               (cfg.clip_grad >= 0, "--clip-grad must be >= 0 (0 = off)"), (cfg.norm_eps > 0, "--norm-eps must be > 0"),
-              (cfg.val_every >= 1, "--val-every must be >= 1"), (cfg.val_tolerance >= 0, "--val-tolerance must be >= 0"),
+              (cfg.val_every >= 0, "--val-every must be >= 0 (0 = automatic)"),
+              (cfg.val_budget > 0, "--val-budget must be > 0"), (cfg.val_tolerance >= 0, "--val-tolerance must be >= 0"),
               (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
               (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
               (0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
@@ -208,7 +195,7 @@ def check_config(cfg: Config) -> None:
               (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
               (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
               (cfg.knn_memory_mb >= 0, "--knn-memory-mb must be >= 0 (0 = automatic)"),
-              (cfg.save_maps >= 0, "--save-maps must be >= 0"),
+              (cfg.save_maps >= 0, "--save-maps must be >= 0"), (cfg.report_images >= 0, "--report-images must be >= 0"),
               (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing new to save")]
     for ok, message in checks:
         if not ok:
@@ -308,6 +295,8 @@ def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) 
         raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the file") from None
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():  # min-max scaling would turn the whole image into NaN, then black
+            raise UsageError(f"{path}: holds NaN or infinite pixel values; replace or remove the file")
         lo, hi = a.min(), a.max()
         if mask:                           # a mask pixel is a defect when it is non-zero, at any depth
             a = (a > 0) * 255.0
@@ -325,8 +314,12 @@ def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) 
     return t[0] > 0 if mask else t
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+def list_images(folder: Path, layout: str = "") -> list[Path]:
+    """The images in `folder`, sorted; with `layout`, none is an error that names the expected layout."""
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS) if folder.is_dir() else []
+    if layout and not paths:
+        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}); expected {layout}")
+    return paths
 
 
 def find_categories(root: Path, dataset: str = "mvtec") -> list[str]:
@@ -347,13 +340,6 @@ class Category:
     masks: torch.Tensor | None     # (M, S, S) bool, None when no test image has a mask
     test_paths: list[Path]
     validation: torch.Tensor | None = None  # (V, 3, S, S) uint8: held-out normal images the dataset provides
-
-
-def images_in(folder: Path, layout: str) -> list[Path]:
-    paths = list_images(folder)
-    if not paths:
-        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}); expected {layout}")
-    return paths
 
 
 def labelled_test_images(test_dir: Path, gt_dir: Path, layout: str) -> list[tuple[Path, int, Path | None]]:
@@ -426,7 +412,7 @@ def read_visa(root: Path, category: str) -> tuple[list, list, list]:
 
 def read_mvtec(root: Path, category: str) -> tuple[list, list, list]:
     base = root / category
-    return (images_in(base / "train" / "good", MVTEC_TREE),
+    return (list_images(base / "train" / "good", MVTEC_TREE),
             labelled_test_images(base / "test", base / "ground_truth", MVTEC_TREE), [])
 
 
@@ -434,9 +420,9 @@ def read_mvtec2(root: Path, category: str) -> tuple[list, list, list]:
     """MVTec AD 2: test_public holds the labelled test set; the test_private* folders have no labels
     (score them with --predict); validation/good is the held-out normal set."""
     base, public = root / category, root / category / "test_public"
-    return (images_in(base / "train" / "good", MVTEC2_TREE),
+    return (list_images(base / "train" / "good", MVTEC2_TREE),
             labelled_test_images(public, public / "ground_truth", MVTEC2_TREE),
-            images_in(base / "validation" / "good", MVTEC2_TREE))
+            list_images(base / "validation" / "good", MVTEC2_TREE))
 
 
 # --dataset -> reader: (root, category) -> (train image paths, test (image, label 1 = defect, mask path or None),
@@ -771,18 +757,27 @@ def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
+def auto_val_every(val_seconds: float, epoch_seconds: float, budget: float) -> int:
+    """--val-every 0: validate every k-th epoch, the smallest k at which one validation costs at most
+    `budget` of k epochs. Validation's cost is mostly fixed (its bank, four copies of each held-out image,
+    every pixel's AUROC) while an epoch shrinks with the category, so a fixed k that costs 13% at the
+    paper's size costs half the training time on a small category."""
+    return max(1, math.ceil(val_seconds / (budget * max(epoch_seconds, 1e-9))))
+
+
 def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: torch.device,
                    val: Validation | None = None) -> dict:
     """images: (N, 3, S, S) uint8 normal images. Validates before the first epoch, every --val-every
-    epochs and after the last; with --select best the encoder ends in the state of the best validation
-    score (within --val-tolerance: the earlier epoch). Returns the loss per epoch, the validation curve and
-    the selected epoch."""
+    epochs (0: as auto_val_every chooses after epoch 1) and after the last; with --select best the encoder
+    ends in the state of the best validation score (within --val-tolerance: the earlier epoch). Returns the
+    loss per epoch, the validation curve, the selected epoch and the validation period."""
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     n, steps = len(images), max(1, math.ceil(len(images) / cfg.batch_size) * cfg.epochs)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731, per optimiser step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.lr_schedule == "cosine" else lambda step: 1.0)
     losses, curve, best, start, val_seconds = [], [], None, time.perf_counter(), 0.0
+    val_every = cfg.val_every
 
     def checkpoint(epoch: int) -> None:
         nonlocal best, val_seconds
@@ -822,7 +817,11 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
         now = time.perf_counter()
         eta = (now - start) / epoch * (cfg.epochs - epoch)
         print(f"  epoch {epoch}/{cfg.epochs}: loss {losses[-1]:.4f}, {now - t0:.1f}s, ETA {eta:.0f}s", flush=True)
-        if val is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
+        if val is not None and not val_every:  # chosen once, from epoch 0's validation and epoch 1
+            val_every = auto_val_every(curve[0]["seconds"], now - t0, cfg.val_budget)
+            print(f"  validating every {val_every} epoch(s): one validation {curve[0]['seconds']:.1f}s, one epoch "
+                  f"{now - t0:.1f}s, --val-budget {cfg.val_budget:g} of the training time", flush=True)
+        if val is not None and (epoch % val_every == 0 or epoch == cfg.epochs):
             checkpoint(epoch)
     selected = cfg.epochs
     if val is not None and cfg.select == "best":
@@ -835,7 +834,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
               f"of the training time", flush=True)
     model.encoder.eval()
     return {"loss_by_epoch": losses, "validation_curve": curve, "selected_epoch": selected,
-            "validation_seconds": val_seconds}
+            "validation_seconds": val_seconds, "val_every": val_every or None}
 
 
 @torch.no_grad()
@@ -902,13 +901,10 @@ def knn_budget_mb(memory_mb: int, device: torch.device) -> int:
 
 def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, memory_mb: int = 0,
                method: str = "mm") -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) x (M, D) -> L2 distances (Q, k) and bank indices (Q, k), nearest first.
-    The bank is walked in chunks so that one (q_chunk, m_chunk) distance block fits `memory_mb`;
-    that block is the only memory that grows with the work, whatever the bank size.
-    method 'mm': ||q||^2 - 2 q.m + ||m||^2 through one addmm per block into a reused buffer, the
-    min taken on squared distances (faster than cdist on every shape in bench.py, and a block that
-    stays in cache keeps the GEMM near torch.mm's speed on CPU); 'cdist': torch.cdist per block.
-    memory_mb 0 = knn_budget_mb's choice for the device."""
+    """(Q, D) x (M, D) -> L2 distances (Q, k) and bank indices (Q, k), nearest first. The bank is walked
+    in chunks so that one distance block fits `memory_mb` (0 = knn_budget_mb's choice): the only memory
+    that grows with the work. method 'mm': ||q||^2 - 2 q.m + ||m||^2, one addmm per block into a reused
+    buffer (faster than cdist on every shape in bench.py); 'cdist': torch.cdist per block."""
     queries, bank = queries.float(), bank.to(queries.device, torch.float32)
     memory_mb = knn_budget_mb(memory_mb, queries.device)
     q_chunk = min(len(queries), 4096)
@@ -970,12 +966,10 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
                  image_score: str = "max", memory_mb: int = 0, method: str = "mm", distance: str = "l2",
                  desc: str = "scoring", times: dict | None = None,
                  progress: Progress | None = None) -> tuple[np.ndarray, torch.Tensor]:
-    """uint8 (N, 3, S, S) -> image scores (N,) and anomaly maps (N, S, S) on the CPU. With `times`,
-    adds the seconds of each stage (features, knn, map) to it, the device synchronised between them.
-    distance: a patch's score is its L2 distance to the nearest bank vector ('l2': Patch AE, the
-    paper's ||.||_2) or that distance squared ('squared': the official PatchCore, whose FAISS
-    IndexFlatL2 returns squared distances); same image ranking under 'max', other maps.
-    progress: a caller's Progress to advance (e.g. over a whole folder) instead of a new one."""
+    """uint8 (N, 3, S, S) -> image scores (N,) and anomaly maps (N, S, S) on the CPU. `times` gets the
+    seconds of each stage (features, knn, map). distance: a patch's score is its L2 distance to the
+    nearest bank vector ('l2', the paper's) or its square ('squared': the official PatchCore's FAISS
+    IndexFlatL2); the same image ranking under 'max', other maps. progress: a caller's, to advance."""
     if distance not in PATCH_DISTANCES:
         raise ValueError(f"distance {distance!r}: expected one of {PATCH_DISTANCES}")
     if isinstance(encoder, nn.Module):
@@ -1059,21 +1053,22 @@ def atomic_save(obj, path: Path) -> None:
 
 
 MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
-# what a model file keeps of fit()'s result besides the encoder and the bank (older files may lack the last four)
-MODEL_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "validation_curve",
-                "loss_by_epoch")
+# What a run records of fit()'s result: results.json takes them all, and the model file keeps them beside the
+# encoder and the bank (a file from an older version may lack some: they read as None).
+RUN_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "val_every",
+              "validation_curve", "loss_by_epoch", "train_seconds", "bank_seconds", "validation_seconds")
 
 
 def save_model(path: str, cfg: Config, model: dict) -> None:
     """One file with all that scoring needs: encoder weights, memory bank, threshold, config, versions."""
     atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg), "encoder": model["encoder"].state_dict(),
-                 "memory_bank": model["bank"].cpu(), **{key: model[key] for key in MODEL_FIELDS},
+                 "memory_bank": model["bank"].cpu(), **{key: model[key] for key in RUN_FIELDS},
                  "versions": {"torch": str(torch.__version__), "torchvision": torchvision.__version__}}, Path(path))
     print(f"saved model to {path}")
 
 
-def load_model(path: str, cfg: Config, given: set) -> tuple[Encoder, dict]:
-    """Model file -> encoder (CPU) and the file's dict; the file's settings replace cfg's."""
+def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict:
+    """Model file -> the model as fit() returns it, on `device`; the file's settings replace cfg's."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -1087,12 +1082,15 @@ def load_model(path: str, cfg: Config, given: set) -> tuple[Encoder, dict]:
             raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
                              f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or retrain")
         setattr(cfg, key, blob["config"][key])
+    if "image_score" not in given:
+        cfg.image_score = blob["config"]["image_score"]
     encoder = Encoder(load_backbone(cfg.backbone, "none"), cfg.feat_dim)
     try:
         encoder.load_state_dict(blob["encoder"])
     except RuntimeError as e:
         raise UsageError(f"--load {path}: encoder weights do not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
-    return encoder, blob
+    return {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
+            **{key: blob.get(key) for key in RUN_FIELDS}}
 
 
 def csv_text(rows: list[list]) -> str:
@@ -1109,58 +1107,21 @@ def colorize(x: np.ndarray) -> np.ndarray:
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def save_heatmap(path: Path, image: torch.Tensor, amap: torch.Tensor, vrange: tuple[float, float],
-                 mask: torch.Tensor | None = None) -> None:
-    """PNG: input | map over input (same colour range for every image) | ground truth if any."""
+def heatmap_panels(image: torch.Tensor, amap: torch.Tensor, vrange: tuple[float, float],
+                   mask: torch.Tensor | None = None) -> np.ndarray:
+    """(S, S*k, 3) uint8: input | map over input (same colour range for every image) | ground truth if any."""
     img = image.permute(1, 2, 0).numpy()
     heat = colorize((amap.numpy() - vrange[0]) / max(vrange[1] - vrange[0], 1e-12))
     panels = [img, (0.5 * img + 0.5 * heat).astype(np.uint8)]
     if mask is not None:
         panels.append(np.repeat(mask.numpy()[..., None].astype(np.uint8) * 255, 3, axis=2))
+    return np.concatenate(panels, axis=1)
+
+
+def save_heatmap(path: Path, image: torch.Tensor, amap: torch.Tensor, vrange: tuple[float, float],
+                 mask: torch.Tensor | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(panels, axis=1)).save(path)
-
-
-def save_training_curve(path: Path, losses: list[float], curve: list[dict], selected: int, title: str) -> None:
-    """PNG of the training: validation metrics (%) by epoch above, training loss below, the selected
-    epoch as a red line through both. Drawn with PIL alone (no plotting package)."""
-    W, H, left, right = 760, 480, 64, 24
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    last = max([len(losses)] + [r["epoch"] for r in curve] + [1])
-    x_of = lambda e: left + (W - left - right) * e / last  # noqa: E731
-    d.text((left, 8), title, fill="black")
-
-    def panel(top: int, bottom: int, series: list, label: str, digits: int) -> None:
-        values = [v for _, points, _ in series for _, v in points]
-        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-        pad = max(hi - lo, 1.0) * 0.05  # keep lines off the frame
-        lo, hi = lo - pad, hi + pad
-        y_of = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)  # noqa: E731
-        d.rectangle((left, top, W - right, bottom), outline="black")
-        for v in np.linspace(lo, hi, 5):  # y grid and labels
-            d.line((left, y_of(v), W - right, y_of(v)), fill=(225, 225, 225))
-            d.text((4, y_of(v) - 6), f"{v:.{digits}f}", fill="black")
-        d.text((left + 4, top + 4), label, fill="black")
-        for k, (name, points, colour) in enumerate(series):
-            if len(points) > 1:
-                d.line([(x_of(e), y_of(v)) for e, v in points], fill=colour, width=2)
-            for e, v in points:
-                d.ellipse((x_of(e) - 2, y_of(v) - 2, x_of(e) + 2, y_of(v) + 2), fill=colour)
-            d.text((W - right - 130, top + 4 + 14 * k), name, fill=colour)
-        d.line((x_of(selected), top, x_of(selected), bottom), fill="red", width=1)
-
-    metrics = [("image AUROC", "image_auroc", "blue"), ("pixel AUROC", "pixel_auroc", "green"),
-               ("pixel AUPRO@30%", "pixel_aupro", "darkorange")]
-    panel(28, 300, [(name, [(r["epoch"], 100 * r[key]) for r in curve if r[key] is not None], colour)
-                    for name, key, colour in metrics], "validation (held-out images + synthetic defects), %", 1)
-    panel(320, 440, [("training loss", list(enumerate(losses, 1)), "dimgray")], "loss (Eq. 3)", 0)
-    for e in np.unique(np.linspace(0, last, min(last, 10) + 1).round().astype(int)):  # x ticks
-        d.text((x_of(e) - 4, 444), str(e), fill="black")
-    d.text((W // 2 - 20, 460), "epoch", fill="black")
-    d.text((x_of(selected) + 4, 304), f"selected: epoch {selected}", fill="red")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    Image.fromarray(heatmap_panels(image, amap, vrange, mask)).save(path)
 
 
 def fmt(v, digits: int = 1, scale: float = 100) -> str:
@@ -1195,20 +1156,149 @@ def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict], dataset: str = "mvtec") -> None:
+def table_text(rows: list[dict], dataset: str = "mvtec") -> str:
+    """summarize()'s rows as the markdown table that a run prints, the peers' source and the protocol below it."""
     def pm(row, m, d=1, scale=100):
         std = row.get(m + "_std")
         return fmt(row[m], d, scale) + ("" if std is None else f" +- {fmt(std, d, scale)}")
     source, peers = PEER_AUROC[dataset]
-    print("| category | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img |"
-          + "".join(f" {name} |" for name in peers) + "\n|" + "---|" * (6 + len(peers)))
+    lines = ["| category | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img |"
+             + "".join(f" {name} |" for name in peers), "|" + "---|" * (6 + len(peers))]
     for r in rows:
         theirs = "".join(f" {'n/a' if r[name] is None else r[name]} |" for name in peers)
-        print(f"| {r['category']} | {pm(r, 'image_auroc')} | {pm(r, 'pixel_auroc')} | {pm(r, 'pixel_aupro')} | "
-              f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} |{theirs}")
+        lines.append(f"| {r['category']} | {pm(r, 'image_auroc')} | {pm(r, 'pixel_auroc')} | {pm(r, 'pixel_aupro')} | "
+                     f"{pm(r, 'train_seconds', 0, 1)} | {pm(r, 'ms_per_image', 1, 1)} |{theirs}")
     if any(r[name] is not None for r in rows for name in peers):
-        print(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
-    print(f"protocol: {rows[-1]['protocol']}")
+        lines.append(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
+    return "\n".join(lines + [f"protocol: {rows[-1]['protocol']}"])
+
+
+def result_line(r: dict) -> str:
+    return (f"{r['category']} seed {r['seed']}: image AUROC {fmt(r['image_auroc'])}, pixel AUROC "
+            f"{fmt(r['pixel_auroc'])}, pixel AUPRO@30% {fmt(r['pixel_aupro'])}, F1 at threshold "
+            f"{fmt(r['f1_at_threshold'])}, {r['ms_per_image']:.1f} ms/image")
+
+
+def write_results(runs: list[dict], dataset: str, out: Path) -> str:
+    """Prints the table and writes results.json (every run's record) and results.csv (the table's rows)."""
+    rows = summarize(runs, dataset)
+    table = table_text(rows, dataset)
+    print(table)
+    atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
+                out / "results.json")
+    keys = list(rows[0])
+    atomic_save(csv_text([keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]), out / "results.csv")
+    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: report.html, one self-contained page per run: inline SVG curves and JPEG images, no
+# script, font or style from the network, so it opens offline and can be mailed as one file
+# ----------------------------------------------------------------------------------------------
+def jpeg_uri(pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def svg_plot(title: str, xlabel: str, series: list, marks: list = (), width: int = 440, height: int = 250) -> str:
+    """A line chart as inline SVG. series: [(name, xs, ys, colour)]; marks: [(x, label)], red vertical lines."""
+    series = [(name, list(map(float, xs)), list(map(float, ys)), colour) for name, xs, ys, colour in series if len(xs)]
+    if not series:
+        return f"<p>{html.escape(title)}: nothing to draw in this run.</p>"
+    xs = [x for _, sx, _, _ in series for x in sx] + [float(x) for x, _ in marks]
+    ys = [y for _, _, sy, _ in series for y in sy]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0)                  # a single value still spans the axis
+    left, right, top, bottom = 52, width - 10, 24, height - 34  # the plot area
+    X = lambda x: left + (right - left) * (float(x) - x0) / (x1 - x0)  # noqa: E731
+    Y = lambda y: bottom - (bottom - top) * (y - y0) / (y1 - y0)  # noqa: E731
+    out = [f'<svg width="{width}" height="{height}" font-size="11" font-family="sans-serif">'
+           f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text><rect x="{left}" y="{top}" '
+           f'width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/><text x="{(left + right) / 2}" '
+           f'y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>']
+    for t in (0, 0.5, 1):  # three ticks on each axis
+        x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
+        out.append(f'<text x="{X(x):.1f}" y="{bottom + 14}" text-anchor="middle">{x:.3g}</text>'
+                   f'<text x="{left - 4}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
+    for k, (name, sx, sy, colour) in enumerate(series):
+        points = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(sx, sy))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/><text '
+                   f'x="{right - 4}" y="{top + 14 + 13 * k}" text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
+    for x, label in marks:
+        out.append(f'<line x1="{X(x):.1f}" y1="{top}" x2="{X(x):.1f}" y2="{bottom}" stroke="red"/>'
+                   f'<text x="{X(x) + 3:.1f}" y="{bottom - 4}" fill="red">{html.escape(label)}</text>')
+    return "".join(out) + "</svg>"
+
+
+def score_histogram(groups: list, threshold: float | None) -> str:
+    """groups: [(name, scores, colour)] -> one step line per group on shared bins, the threshold marked."""
+    edges = np.histogram_bin_edges(np.concatenate([s for _, s, _ in groups]) if groups else [0.0], bins=24)
+    return svg_plot("image scores: number of images", "image score",
+                    [(f"{name} ({len(s)})", np.repeat(edges, 2)[1:-1], np.repeat(np.histogram(s, edges)[0], 2), colour)
+                     for name, s, colour in groups], [] if threshold is None else [(threshold, "threshold")])
+
+
+def gallery(title: str, entries: list, empty: str) -> str:
+    """entries: [(pixels (H, W, 3) uint8, caption)]; `empty` says why there are none."""
+    figures = "".join(f'<figure><img src="{jpeg_uri(pixels)}" alt="{html.escape(caption)}"><figcaption>'
+                      f'{html.escape(caption)}</figcaption></figure>' for pixels, caption in entries)
+    return f"<h3>{html.escape(title)}</h3>" + (figures or f"<p>{html.escape(empty)}</p>")
+
+
+def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, maps: torch.Tensor, n: int) -> str:
+    """One category and seed: result line, training curves, ROC and score distribution, three galleries."""
+    labels, thr, sel = data.labels, model["threshold"], model["selected_epoch"]
+    curve, losses = model["validation_curve"] or [], model["loss_by_epoch"] or []
+    normal, defect = scores[labels == 0], scores[labels == 1]
+    validation = [(name, [r["epoch"] for r in curve if r[key] is not None],
+                   [100 * r[key] for r in curve if r[key] is not None], colour) for name, key, colour in
+                  (("image AUROC", "image_auroc", "blue"), ("pixel AUROC", "pixel_auroc", "green"),
+                   ("AUPRO@30%", "pixel_aupro", "darkorange"))]
+    roc = "<p>ROC: not defined, the test set holds one class only.</p>"
+    if result["image_auroc"] is not None:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        roc = svg_plot(f"ROC of the image scores, AUROC {fmt(result['image_auroc'])}", "false positive rate",
+                       [("ROC", fpr, tpr, "blue"), ("chance", [0, 1], [0, 1], "#bbb")])
+    verdict = "No threshold: no normal training image was held out to fit one (--holdout 0)."
+    if thr is not None:
+        missed = f"misses {int((defect < thr).sum())} of {len(defect)} defective images" if len(defect) else \
+            "no defective test image to miss"
+        verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags {int((normal >= thr).sum())} of "
+                   f"{len(normal)} normal test images, {missed}; F1 {fmt(result['f1_at_threshold'])}.")
+    masks = " | ground-truth mask" if data.masks is not None else " (this test set has no masks)"
+    parts = [f"<h2>{html.escape(result['category'])}, seed {result['seed']}</h2>",
+             f"<pre>{html.escape(result_line(result))}</pre><h3>Training</h3>",
+             svg_plot("validation: held-out normal images + drawn defects, %", "epoch", validation,
+                      [(sel, f"selected: epoch {sel}")]),
+             svg_plot("training loss (Eq. 3)", "epoch", [("loss", range(1, len(losses) + 1), losses, "dimgray")],
+                      [(sel, "")]),
+             "<h3>Image scores</h3>", roc,
+             score_histogram([g for g in (("normal", normal, "green"), ("defective", defect, "red")) if len(g[1])], thr),
+             f"<p>{html.escape(verdict)}</p><p>Each picture: input | heatmap over the input{masks}; heatmap colours "
+             f"span the held-out normal images' maps (red: above every held-out pixel).</p>"]
+    order, vrange = np.argsort(-scores, kind="stable"), model["map_range"] or (float(maps.min()), float(maps.max()))
+    defects, normals = [i for i in order if labels[i]], [i for i in order if not labels[i]]
+
+    def entries(indices: list) -> list:
+        return [(heatmap_panels(data.test[i], maps[i], vrange, None if data.masks is None else data.masks[i]),
+                 f"{data.test_paths[i].parent.name}/{data.test_paths[i].name}: "
+                 f"{'defect' if labels[i] else 'normal'}, score {scores[i]:.4g}") for i in indices[:n]]
+    no_defect, no_normal = "None: the test set has no defective image.", "None: the test set has no normal image."
+    return "".join(parts + [gallery("Defective images that scored highest", entries(defects), no_defect),
+                            gallery("Normal images that scored highest (the false alarms)", entries(normals), no_normal),
+                            gallery("Defective images that scored lowest (the misses)", entries(defects[::-1]),
+                                    no_defect)])
+
+
+def write_report(path: Path, title: str, sections: list[str]) -> None:
+    style = ("body{font-family:sans-serif;margin:20px;max-width:1400px}pre{background:#f3f3f3;padding:8px;"
+             "overflow-x:auto}figure{display:inline-block;margin:4px;vertical-align:top}figure img{height:160px}"
+             "figcaption{font-size:12px;max-width:480px}svg{margin:4px;border:1px solid #eee}")
+    atomic_save(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+                f"{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>", path)
+    print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MB)", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1258,32 +1348,32 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
             "bank_seconds": bank_seconds, **training}
 
 
-def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out: Path) -> dict:
+def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out: Path) -> tuple:
+    """The test set's metrics, F1 at the threshold and ms per image, and --save-maps heatmaps. Returns
+    (result, image scores (M,), anomaly maps (M, S, S))."""
     t0 = clock(device)
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size, device, cfg.image_score,
                                 cfg.knn_memory_mb, desc="test")
     ms = (clock(device) - t0) / len(data.test) * 1000
-    result = compute_metrics(data.labels, scores, data.masks, maps)
-    thr = model["threshold"]
-    result["threshold"] = thr
+    result, thr = compute_metrics(data.labels, scores, data.masks, maps), model["threshold"]
     both = len(np.unique(data.labels)) == 2
     result["f1_at_threshold"] = float(f1_score(data.labels, scores >= thr)) if thr is not None and both else None
     result["ms_per_image"] = ms
-    if cfg.save_maps:
-        vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
-        for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
-            p = data.test_paths[i]
-            save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png", data.test[i], maps[i], vrange,
-                         None if data.masks is None else data.masks[i])
-    return result
+    vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
+    for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
+        p = data.test_paths[i]
+        save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png", data.test[i], maps[i], vrange,
+                     None if data.masks is None else data.masks[i])
+    return result, scores, maps
 
 
-def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> str | None:
-    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image.
-    Reads, scores and writes heatmaps one batch at a time, so memory stays flat whatever the folder
-    size (only the CSV rows wait for the end, to be written whole). A file that cannot be read gets
-    a row with the reason and the others are scored. Returns None, or the line that ends the run
-    (exit code 2) when some files could not be read."""
+def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> tuple[str, str | None]:
+    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image, named
+    after the whole file name (a.png and a.jpg get a.png.png and a.jpg.png). Reads, scores and writes heatmaps
+    one batch at a time, so memory stays flat whatever the folder size (only the CSV rows and the report's
+    top --report-images wait for the end). A file that cannot be read gets a row with the reason and the
+    others are scored. Returns the report's section and None, or the line that ends the run (exit code 2)
+    when some files could not be read."""
     if not folder.is_dir():
         raise UsageError(f"--predict {folder}: folder not found")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -1293,117 +1383,113 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     if vrange is None:
         print("note: the model has no heatmap colour range (it was trained with --holdout 0): each heatmap "
               "is coloured from its own lowest to its highest pixel")
-    rows, flagged, unreadable = [["path", "score", "is_anomalous", "error"]], 0, 0
+    rows, errors, top = [["path", "score", "is_anomalous", "error"]], {}, []
     progress = Progress("predict", len(paths), "img")
     for start in range(0, len(paths), cfg.batch_size):
-        batch, images, errors = paths[start:start + cfg.batch_size], [], {}
+        batch, images = paths[start:start + cfg.batch_size], []
         for p in batch:
             try:
                 images.append(read_image(p, cfg.image_size, cfg.crop_size))
             except UsageError as e:  # this file's row says why; the others are scored
-                errors[p] = str(e).removeprefix(f"{p}: ")
+                errors[p.relative_to(folder)] = str(e).removeprefix(f"{p}: ")
                 progress.update()
         scores, maps = score_images(model["encoder"], model["bank"], torch.stack(images), cfg.batch_size, device,
                                     cfg.image_score, cfg.knn_memory_mb, progress=progress) if images else ([], [])
         scored = iter(zip(scores, images, maps))
-        for p in batch:
-            rel = p.relative_to(folder)
-            if p in errors:
-                rows.append([str(rel), "", "", errors[p]])
+        for rel in (p.relative_to(folder) for p in batch):
+            if rel in errors:
+                rows.append([str(rel), "", "", errors[rel]])
                 continue
             s, image, amap = next(scored)
-            flag = "" if thr is None else int(s >= thr)
-            rows.append([str(rel), f"{s:.6f}", flag, ""])
-            flagged += flag == 1
-            save_heatmap(out / "heatmaps" / rel.with_suffix(".png"), image, amap,
-                         vrange or (float(amap.min()), float(amap.max())))
-        unreadable += len(errors)
+            rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), ""])
+            own = vrange or (float(amap.min()), float(amap.max()))
+            save_heatmap(out / "heatmaps" / rel.with_name(rel.name + ".png"), image, amap, own)
+            top = sorted(top + [(float(s), str(rel), image, amap, own)], key=lambda t: -t[0])[:cfg.report_images]
     atomic_save(csv_text(rows), out / "predictions.csv")
-    n_scored = len(paths) - unreadable
-    print(f"predicted {n_scored} images ({'no threshold in the model' if thr is None else f'{flagged} above {thr:.4f}'})"
-          f": {out / 'predictions.csv'}")
-    if unreadable:
-        return (f"--predict {folder}: {unreadable} of {len(paths)} files could not be read (the error column of "
-                f"{out / 'predictions.csv'} says why); the other {n_scored} were scored")
-    return None
+    scores = np.array([float(r[1]) for r in rows[1:] if r[1]])
+    flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
+    print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
+    section = "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
+                       f"{html.escape(flagged)}; every score in predictions.csv.</p>",
+                       score_histogram([("scored", scores, "black")], thr) if len(scores) else "",
+                       gallery("Highest-scoring images (input | heatmap over the input)",
+                               [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
+                               "None: no image could be scored."),
+                       "<h3>Files that could not be read</h3>", "".join(
+                           f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
+                       or "<p>None.</p>"])
+    if errors:
+        return section, (f"--predict {folder}: {len(errors)} of {len(paths)} files could not be read (the error "
+                         f"column of {out / 'predictions.csv'} says why); the other {len(scores)} were scored")
+    return section, None
 
 
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
-def run(cfg: Config, given: set) -> list[dict]:
-    device = pick_device(cfg.device)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{stamp}")
-    written = [out / n for n in ("results.json", "results.csv", "predictions.csv")]
-    if not cfg.overwrite and any(p.exists() for p in written):
+def output_folder(cfg: Config) -> Path:
+    out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.overwrite and any((out / n).exists() for n in ("results.json", "results.csv", "predictions.csv")):
         raise UsageError(f"--out {out}: already holds results; pick another --out or pass --overwrite")
-    root = Path(cfg.data_root)
-    if cfg.synthetic:
-        make_synthetic_category(root)
-    if cfg.load:
-        encoder, blob = load_model(cfg.load, cfg, given)
-        model = {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
-                 **{key: blob.get(key) for key in MODEL_FIELDS}, "train_seconds": 0.0, "bank_seconds": 0.0,
-                 "validation_seconds": 0.0}
-        cfg.image_score = blob["config"]["image_score"] if "image_score" not in given else cfg.image_score
-    weights = "from " + cfg.load if cfg.load else cfg.weights
-    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"backbone {cfg.backbone}, weights {weights}", flush=True)
-    if cfg.weights == "none" and not cfg.load:
-        print("note: --weights none (random init): results are not comparable with the paper's")
-    unreadable = None  # predict_folder's closing line: raised once everything else is written
-    if cfg.load and cfg.predict:
-        unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
-        if unreadable:
-            raise UsageError(unreadable)
-        return []
+    return out
+
+
+def categories_and_seeds(cfg: Config, root: Path):
+    """Yields (category, seed, data) for every run that the flags ask for, each category read once."""
     categories = find_categories(root, cfg.dataset) if cfg.category == "all" else [cfg.category]
-    if cfg.category == "all" and not categories:
+    if not categories:
         raise UsageError(f"--category all: no category under {root}; expected {LAYOUTS[cfg.dataset]} "
                          f"(--dataset {cfg.dataset})")
-    if (cfg.save or cfg.predict) and len(categories) * len(cfg.seed) > 1:
+    seeds = cfg.seed[:1] if cfg.load else cfg.seed
+    if (cfg.save or cfg.predict) and len(categories) * len(seeds) > 1:
         raise UsageError("--save and --predict take one category and one seed")
-    runs = []
     for category in categories:
         data = load_category(root, category, cfg.image_size, cfg.crop_size, cfg.dataset)
-        for seed in (cfg.seed[:1] if cfg.load else cfg.seed):
+        for seed in seeds:
             print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test images", flush=True)
-            if not cfg.load:
-                model = fit(cfg, data, seed, device)
-                if model["loss_by_epoch"] or model["validation_curve"]:
-                    png = out / f"training_{category}_{seed}.png"
-                    save_training_curve(png, model["loss_by_epoch"], model["validation_curve"], model["selected_epoch"],
-                                        f"{category}, seed {seed}: {cfg.backbone}, weights {cfg.weights}, "
-                                        f"--select {cfg.select}")
-                    print(f"training curve: {png}", flush=True)
-            result = {"dataset": cfg.dataset, "category": category, "seed": seed,
-                      **evaluate(cfg, model, data, device, out)}
-            result.update(n_train=model["n_train"], n_holdout=model["n_holdout"], protocol=model["protocol"],
-                          n_test=len(data.test),
-                          selected_epoch=model["selected_epoch"], validation_curve=model["validation_curve"],
-                          loss_by_epoch=model["loss_by_epoch"], validation_seconds=model["validation_seconds"],
-                          train_seconds=model["train_seconds"], bank_seconds=model["bank_seconds"],
-                          memory_bank_shape=list(model["bank"].shape),
-                          config=dataclasses.asdict(cfg), device=str(device), torch=torch.__version__,
-                          torchvision=torchvision.__version__,
-                          published_image_auroc={**published(cfg.dataset, category),
-                                                 "source": PEER_AUROC[cfg.dataset][0]})
-            runs.append(result)
-            print(f"{category} seed {seed}: image AUROC {fmt(result['image_auroc'])}, pixel AUROC "
-                  f"{fmt(result['pixel_auroc'])}, pixel AUPRO@30% {fmt(result['pixel_aupro'])}, F1 at threshold "
-                  f"{fmt(result['f1_at_threshold'])}, {result['ms_per_image']:.1f} ms/image", flush=True)
+            yield category, seed, data
+
+
+def record(cfg: Config, category: str, seed: int, data: Category, model: dict, result: dict,
+           device: torch.device) -> dict:
+    """What results.json keeps of one run: the metrics, RUN_FIELDS, the config and the versions."""
+    return {"dataset": cfg.dataset, "category": category, "seed": seed, **result,
+            **{key: model[key] for key in RUN_FIELDS}, "n_test": len(data.test),
+            "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg), "device": str(device),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "published_image_auroc": {**published(cfg.dataset, category), "source": PEER_AUROC[cfg.dataset][0]}}
+
+
+def run(cfg: Config, given: set) -> list[dict]:
+    """Set up; train (or load) and test every category and seed; write the results; score --predict's
+    folder; write the report. Returns the runs' records."""
+    device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
+    if cfg.synthetic:
+        make_synthetic_category(root)
+    model = load_model(cfg.load, cfg, given, device) if cfg.load else None
+    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"backbone {cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}", flush=True)
+    if cfg.weights == "none" and not cfg.load:
+        print("note: --weights none (random init): results are not comparable with the paper's")
+    runs, sections, unreadable = [], [], None
+    if not (cfg.load and cfg.predict):  # a loaded model with --predict only scores the folder
+        for category, seed, data in categories_and_seeds(cfg, root):
+            model = model if cfg.load else fit(cfg, data, seed, device)
+            result, scores, maps = evaluate(cfg, model, data, device, out)
+            runs.append(record(cfg, category, seed, data, model, result, device))
+            print(result_line(runs[-1]), flush=True)
+            if cfg.report_images:
+                sections.append(report_run(runs[-1], model, data, scores, maps, cfg.report_images))
             if cfg.save:
                 save_model(cfg.save, cfg, model)
-            if cfg.predict:
-                unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
-    rows = summarize(runs, cfg.dataset)
-    print_table(rows, cfg.dataset)
-    atomic_save(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}, indent=1),
-                out / "results.json")
-    keys = list(rows[0])
-    atomic_save(csv_text([keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]), out / "results.csv")
-    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+        sections.insert(0, f"<pre>{html.escape(write_results(runs, cfg.dataset, out))}</pre>")
+    if cfg.predict:
+        section, unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
+        sections.append(section)
+    if cfg.report_images:
+        write_report(out / "report.html", f"Patch AE: {cfg.predict if cfg.load and cfg.predict else cfg.category}, "
+                     f"{cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}, {device}, "
+                     f"{time.strftime('%Y-%m-%d %H:%M')}", sections)
     if unreadable:
         raise UsageError(unreadable)
     return runs

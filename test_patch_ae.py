@@ -1,9 +1,12 @@
 """Tests for patch_ae.py: CPU only, tiny images, resnet18 with random weights (no downloads).
 Run: pytest -q"""
+import base64
+import io
 import json
 import math
 import shlex
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +106,8 @@ def test_category_without_ground_truth_gives_image_metrics_only(data_root, tmp_p
     assert data.masks is None
     result = run_main(TINY, tmp_path, data_root)
     assert result["image_auroc"] is not None and result["pixel_auroc"] is None and result["pixel_aupro"] is None
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "(this test set has no masks)" in report and report.count("<img ") == 36  # 3 galleries of 12
 
 
 # ---------------------------------------------------------------- other layouts: VisA and MVTec AD 2
@@ -493,9 +498,10 @@ def test_zero_epochs_selects_epoch_0_and_the_model_file_keeps_the_selection(synt
     trained = run_main(TINY[:-1] + ["0", "--save", str(model)], tmp_path / "a", synthetic_root)
     printed = capsys.readouterr().out
     assert trained["selected_epoch"] == 0 and [r["epoch"] for r in trained["validation_curve"]] == [0]
-    png = tmp_path / "a" / "out" / "training_synthetic_0.png"
+    report = (tmp_path / "a" / "out" / "report.html").read_text()
     assert "validation, epoch 0: image AUROC" in printed and "selected epoch 0" in printed
-    assert f"training curve: {png}" in printed and trained["loss_by_epoch"] == [] and png.is_file()
+    assert trained["loss_by_epoch"] == [] and "selected: epoch 0" in report
+    assert "training loss (Eq. 3): nothing to draw in this run" in report
     blob = torch.load(model, weights_only=True)
     assert blob["selected_epoch"] == 0 and blob["validation_curve"] == trained["validation_curve"]
     loaded = run_main(["--load", str(model)], tmp_path / "b", synthetic_root)
@@ -710,6 +716,10 @@ def test_one_class_test_set_reports_auroc_as_not_defined(capsys, data_root, tmp_
     result = run_main(TINY, tmp_path, data_root)
     assert result["image_auroc"] is None and result["f1_at_threshold"] is None
     assert "image AUROC n/a" in capsys.readouterr().out
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "ROC: not defined, the test set holds one class only." in report
+    assert report.count("None: the test set has no defective image.") == 2  # highest defects and misses
+    assert "no defective test image to miss" in report and report.count("<img ") == 12  # the false alarms
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so --device cuda is valid")
@@ -1031,8 +1041,8 @@ def tiny_model(tmp_path_factory) -> tuple[Path, float]:
     scores, _ = pa.score_images(encoder, bank, torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), 6, cpu)
     threshold = float(np.median(scores))
     pa.save_model(str(path), pa.Config(backbone="resnet18", weights="none", image_size=32, crop_size=32),
-                  {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": (0.0, 2 * threshold),
-                   "n_train": 4, "n_holdout": 0, "protocol": "test", "selected_epoch": 0, "validation_curve": [], "loss_by_epoch": []})
+                  {**dict.fromkeys(pa.RUN_FIELDS), "encoder": encoder, "bank": bank, "threshold": threshold,
+                   "map_range": (0.0, 2 * threshold), "n_train": 4, "n_holdout": 0, "protocol": "test"})
     return path, threshold
 
 
@@ -1070,6 +1080,8 @@ def test_predict_gives_an_unreadable_file_its_row_and_scores_the_others(tiny_mod
     assert score == flag == "" and "cannot decode" in reason
     assert rows == clean                                     # the others: scored, and as without the broken file
     assert len(list((tmp_path / "out" / "heatmaps").rglob("*.png"))) == 6
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert f"<b>{Path('sub') / 'broken.png'}</b>: cannot decode" in report and report.count("<img ") == 6
 
 
 def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_path, monkeypatch):
@@ -1119,3 +1131,123 @@ def test_readme_dataset_commands_parse():
     cfgs = [pa.parse_config(argv)[0] for argv in readme_commands("Data layout")]
     assert [c.dataset for c in cfgs[:3]] == ["visa", "mvtec2", "mvtec2"] and cfgs[0].category == "all"
     assert cfgs[3].load == cfgs[2].save and cfgs[3].predict.endswith("/can/test_private")
+
+
+# ---------------------------------------------------------------- the report, and review findings: tests that fail
+# on code that is wrong in ways the tests above let pass
+class ReportParser(HTMLParser):
+    """report.html -> every attribute value, the <img> sources, and each <h3> gallery's captions in order."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.attributes, self.images, self.galleries, self.tag, self.heading = [], [], {}, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tag, attrs = tag, dict(attrs)
+        self.attributes += [v for v in attrs.values() if v]
+        if tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        self.tag = None
+
+    def handle_data(self, data):
+        if self.tag == "h3":
+            self.heading = data
+            self.galleries[data] = []
+        elif self.tag == "figcaption":
+            self.galleries[self.heading].append(data.split(":")[0])
+
+
+def test_report_is_self_contained_and_its_galleries_hold_the_right_images(synthetic_root, tmp_path, monkeypatch):
+    seen, evaluate = {}, pa.evaluate
+
+    def spy(cfg, model, data, device, out):
+        result, scores, maps = evaluate(cfg, model, data, device, out)
+        seen.update(scores=scores, labels=data.labels, names=[f"{p.parent.name}/{p.name}" for p in data.test_paths])
+        return result, scores, maps
+    monkeypatch.setattr(pa, "evaluate", spy)
+    run_main(TINY + ["--report-images", "5"], tmp_path, synthetic_root)
+    report = ReportParser((tmp_path / "out" / "report.html").read_text())
+    assert not any("http:" in v or "https:" in v for v in report.attributes)
+    assert len(report.images) == 15
+    for src in report.images:
+        head, data = src.split(",", 1)
+        assert head == "data:image/jpeg;base64"
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (3 * 64, 64)  # input | heatmap | mask
+    scores, labels, names = seen["scores"], seen["labels"], np.array(seen["names"])
+    down = [i for i in np.argsort(-scores) if labels[i]]                        # defects, highest score first
+    assert report.galleries["Defective images that scored highest"] == list(names[down[:5]])
+    assert report.galleries["Defective images that scored highest"][0] == names[np.argmax(scores)]
+    assert report.galleries["Defective images that scored lowest (the misses)"] == list(names[down[::-1][:5]])
+    normals = [i for i in np.argsort(-scores) if not labels[i]]
+    assert report.galleries["Normal images that scored highest (the false alarms)"] == list(names[normals[:5]])
+    run_main(TINY + ["--report-images", "0"], tmp_path / "none", synthetic_root)
+    assert (tmp_path / "none" / "out" / "results.json").is_file()
+    assert not (tmp_path / "none" / "out" / "report.html").exists()
+
+
+def test_threshold_is_the_chosen_quantile_of_the_held_out_scores_not_their_maximum(synthetic_root, monkeypatch):
+    data = pa.load_category(synthetic_root, "synthetic", 32, 32)
+    held = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 10.0])  # the 6 held-out images' scores: one far above the rest
+    score_images = pa.score_images
+
+    def fake(encoder, bank, images, *args, desc="scoring", **kwargs):
+        scores, maps = score_images(encoder, bank, images, *args, desc=desc, **kwargs)
+        return (held.copy(), maps) if desc == "held-out" else (scores, maps)
+    monkeypatch.setattr(pa, "score_images", fake)
+    for q, expected in ((0.5, 0.35), (0.99, 9.525)):
+        cfg = pa.Config(epochs=0, image_size=32, crop_size=32, backbone="resnet18", weights="none",
+                        threshold_quantile=q)
+        assert pa.fit(cfg, data, 0, torch.device("cpu"))["threshold"] == pytest.approx(expected)
+
+
+def test_automatic_validation_period_keeps_validation_near_its_budget(synthetic_root, monkeypatch):
+    assert pa.auto_val_every(10.0, 100.0, 0.15) == 1     # cheap validation: every epoch
+    assert pa.auto_val_every(95.0, 360.0, 0.15) == 2     # the paper's size (WRN-101, 2-core CPU)
+    assert pa.auto_val_every(4.5, 4.15, 0.15) == 8       # a 120-image category at 224 px, resnet18
+    data = pa.load_category(synthetic_root, "synthetic", 32, 32)
+
+    now = [0.0]  # the clock that times validation: each one takes 1000 s, far more than a real epoch here
+
+    def slow_validation(*args):
+        now[0] += 1000.0
+        return {"image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_aupro": 1.0, "score": 1.0, "feature_norm": 1.0,
+                "dead_units": 0.0, "normal_distance": 1.0}
+    monkeypatch.setattr(pa, "validate", slow_validation)
+    monkeypatch.setattr(pa, "clock", lambda device: now[0])
+    for budget, epochs in ((0.15, [0, 3]), (1e9, [0, 1, 2, 3])):
+        cfg = pa.Config(epochs=3, val_budget=budget, image_size=32, crop_size=32, backbone="resnet18", weights="none")
+        model = pa.fit(cfg, data, 0, torch.device("cpu"))
+        assert [r["epoch"] for r in model["validation_curve"]] == epochs
+        assert (model["val_every"] > 3) if budget < 1 else (model["val_every"] == 1)
+
+
+def test_predict_keeps_one_heatmap_per_file_when_names_share_a_stem(tiny_model, tmp_path):
+    model, _ = tiny_model
+    folder, rng = tmp_path / "in", np.random.default_rng(1)
+    folder.mkdir()
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out")])
+    heatmaps = tmp_path / "out" / "heatmaps"
+    assert sorted(p.name for p in heatmaps.iterdir()) == ["a.jpg.png", "a.png.png"]
+    assert (heatmaps / "a.jpg.png").read_bytes() != (heatmaps / "a.png.png").read_bytes()
+    assert set(read_predictions(tmp_path / "out")) == {"a.png", "a.jpg"}
+
+
+def test_a_float_image_with_a_nan_pixel_is_refused_not_read_as_black(capsys, data_root, tiny_model, tmp_path):
+    pixels = np.random.default_rng(0).uniform(0, 3, (64, 64)).astype(np.float32)  # out of [0, 1]: min-max scaled
+    pixels[5, 7] = np.nan
+    bad = data_root / "synthetic" / "train" / "good" / "007.tif"
+    (data_root / "synthetic" / "train" / "good" / "007.png").unlink()
+    Image.fromarray(pixels).save(bad)
+    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY], str(bad), "NaN")
+    model, _ = tiny_model
+    folder = image_folder(tmp_path / "in", 2)
+    shutil.copy(bad, folder / "nan.tif")
+    expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out")],
+                 "1 of 3 files could not be read")
+    rows = read_predictions(tmp_path / "out")
+    assert rows["nan.tif"][:2] == ["", ""] and "NaN" in rows["nan.tif"][2] and rows["00.png"][0] != ""
