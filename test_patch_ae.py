@@ -793,7 +793,7 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
 
 
-# ---------------------------------------------------------------- review findings (issue 8): bugs, and
+# ---------------------------------------------------------------- review findings: bugs, and
 # tests that fail on code that is wrong in ways the tests above let pass
 def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_path, monkeypatch):
     # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
@@ -978,7 +978,7 @@ def test_aupro_ties_share_one_threshold():
     assert pa.aupro(mask, amap) == pytest.approx((0.5 * 0.25 + 0.05) / 0.3)
 
 
-# ---------------------------------------------------------------- issue 8: PatchCore's distances, coreset start, predict
+# ---------------------------------------------------------------- PatchCore's distances, coreset start, streaming predict
 def test_squared_distance_squares_the_patch_scores_before_the_blur():
     torch.manual_seed(0)
     encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
