@@ -1,4 +1,4 @@
-"""bench.py: inference time and memory footprint of Patch AE against a PatchCore baseline (issue 4).
+"""bench.py: inference time and memory footprint of Patch AE against a PatchCore baseline.
 
 The paper's practical claim is that Patch AE is lighter than PatchCore at equal or better accuracy.
 This runs both on the same images and device and prints one markdown table: quality (image AUROC,

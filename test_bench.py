@@ -174,7 +174,7 @@ def test_missing_data_root_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: --data-root") and err.count("\n") == 1
 
 
-# ---------------------------------------------------------------- issue 8: Config flags, PatchCore's distances, --scaling
+# ---------------------------------------------------------------- Config flags, PatchCore's distances, --scaling
 def test_patch_ae_flags_come_from_config_and_reach_training(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--help"])

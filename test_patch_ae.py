@@ -803,7 +803,83 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
 
 
-# ---------------------------------------------------------------- review findings (issue 8): bugs, and
+def test_readme_paper_to_code_map_names_exist():
+    """Every backticked name in the code column of the README's paper-to-code map is in patch_ae.py."""
+    import functools
+    import re
+    text = (Path(__file__).parent / "README.md").read_text()
+    body = text.split("\n## Paper-to-code map", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in body.splitlines() if line.startswith("|")][2:]  # after the header and its rule
+    assert len(rows) >= 12, f"the paper-to-code map has {len(rows)} rows"
+    missing = []
+    for row in rows:
+        names = re.findall(r"`([^`]+)`", row.strip().strip("|").split("|")[-1])
+        assert names, f"a map row names no code: {row}"
+        for name in names:
+            assert re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name), f"not a name: {name!r} in {row}"
+            try:
+                functools.reduce(getattr, name.split("."), pa)
+            except AttributeError:
+                missing.append(name)
+    assert not missing, f"the paper-to-code map names what patch_ae.py lacks: {missing}"
+
+
+DOC_SCRIPTS = ("patch_ae.py", "bench.py", "tools/gpu_check.py")
+
+
+def doc_commands() -> dict[str, list[tuple[str, list[str]]]]:
+    """Every `python <script> ...` command line of README.md and docs/*.md, by script, as (file, argv):
+    in a fenced block one per line (a line ending in a backslash joined with the next, comment lines
+    skipped), in the text every inline code span that holds one."""
+    import re
+    root, found = Path(__file__).parent, {s: [] for s in DOC_SCRIPTS}
+    command = re.compile(r"\bpython3? (" + "|".join(re.escape(s) for s in DOC_SCRIPTS) + r")(?=\s|$)(.*)", re.S)
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for i, part in enumerate(path.read_text().split("```")):
+            if i % 2:  # inside a fenced block
+                spans = [ln for ln in part.replace("\\\n", " ").splitlines() if not ln.lstrip().startswith("#")]
+            else:
+                spans = [s.replace("\n", " ") for s in re.findall(r"`([^`]+)`", part)]
+            for span in spans:
+                m = command.search(span)
+                if m:
+                    argv = shlex.split(m.group(2), comments=True)
+                    ends = [j for j, tok in enumerate(argv) if tok in ("&&", "||", "|", ";")]
+                    found[m.group(1)].append((path.name, argv[:ends[0]] if ends else argv))
+    return found
+
+
+def test_doc_commands_parse():
+    """Every command line in README.md and docs/ is accepted by the parser of the script it runs
+    (placeholders such as /path/to/... are fine: parsing does not read the disk)."""
+    import contextlib
+    import importlib.util
+    import io
+
+    import bench
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    parsers = {"patch_ae.py": pa.parse_config, "bench.py": bench.parse_args,
+               "tools/gpu_check.py": lambda argv: gpu_check.build_parser().parse_args(argv)}
+    found, failed = doc_commands(), []
+    for script, commands in found.items():
+        for where, argv in commands:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    parsers[script](argv)
+            except SystemExit as e:  # argparse: --help exits 0, a bad flag 2
+                if e.code != 0 or "--help" not in argv:
+                    failed.append(f"{where}: python {script} {shlex.join(argv)}")
+            except (pa.UsageError, ValueError) as e:
+                failed.append(f"{where}: python {script} {shlex.join(argv)}: {e}")
+    assert not failed, "commands in the docs that do not parse:\n" + "\n".join(failed)
+    counts = {script: len(commands) for script, commands in found.items()}
+    assert counts["patch_ae.py"] >= 10 and counts["bench.py"] >= 4 and counts["tools/gpu_check.py"] >= 3, counts
+    assert {where for commands in found.values() for where, _ in commands} >= {"README.md", "usage.md", "gpu.md"}
+
+
+# ---------------------------------------------------------------- review findings: bugs, and
 # tests that fail on code that is wrong in ways the tests above let pass
 def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_path, monkeypatch):
     # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
@@ -988,7 +1064,7 @@ def test_aupro_ties_share_one_threshold():
     assert pa.aupro(mask, amap) == pytest.approx((0.5 * 0.25 + 0.05) / 0.3)
 
 
-# ---------------------------------------------------------------- issue 8: PatchCore's distances, coreset start, predict
+# ---------------------------------------------------------------- PatchCore's distances, coreset start, streaming predict
 def test_squared_distance_squares_the_patch_scores_before_the_blur():
     torch.manual_seed(0)
     encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()

@@ -1,7 +1,9 @@
-"""gpu_check.py: issue 10's whole GPU check in one run (at most 8 minutes), every figure into one JSON.
+"""tools/gpu_check.py: the GPU measurements in one run of at most 8 minutes, every figure into one JSON.
 
-Prepared on the CPU; no GPU was lent to the session that wrote it. Steps, in this order, each a
-child process with its own time cap inside one overall budget, so one slow step cannot eat the rest:
+For whoever has a CUDA GPU: this measures what a 2-core CPU cannot (docs/gpu.md says what each figure
+decides). Steps, most important first; each runs as a child process under its own time cap inside
+one overall budget (--budget, 450 s), so one slow step cannot eat the rest, and each keeps what it
+measured before a failure or a timeout; what the budget leaves out is the end of the list:
   inventory   versions, GPU, driver, and the model-weight caches on the machine (one line)
   tests       the whole test suite as CI runs it (GPU hidden), then the CUDA tests with the GPU
   quickstart  the README's quick-start command with --device
@@ -19,16 +21,20 @@ child process with its own time cap inside one overall budget, so one slow step 
 bf16 is tried here only, by wrapping Encoder.forward in torch.autocast (its output cast back to
 float32, so the memory bank, kNN distances and loss stay float32); it is no product flag.
 
-The device call a session with a GPU makes (the H200's own python3 has everything; carry nothing):
-    run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --device cuda --out $OUT",
-        timeout_s=540, carry=[])
-It ends within --budget (450 s) and writes $OUT/gpu_check.log and $OUT/gpu_check.json; its last
-lines are a summary table. To redo only some steps while the machine is still warm:
-    run(command="PYTHONUNBUFFERED=1 python3 gpu_check.py --device cuda --out $OUT --only bench,sweep --budget 200",
-        timeout_s=240, carry=[])
-Dry run on the CPU, tiny sizes (--tiny also puts random resnet18 weights under torchvision's file name
-into a temporary $TORCH_HOME, so that the weights step runs too; 258 s on this project's 2 shared cores, 2026-11-29):
-    nice -n 10 python gpu_check.py --device cpu --tiny --out /tmp/gpu_check_out
+How long: at most --budget (450 s) for all steps, plus a few seconds to start; nothing is downloaded.
+Where the figures go: --out (default $OUT if set, else gpu_check_out/ at the repository root):
+gpu_check.json (every figure, step by step, rewritten after each step) and gpu_check.log (each
+step's own output); the last lines printed are a table of every step with its status and figures.
+
+Run it from the repository root, with the project's requirements installed (torch 2.11 or newer
+with CUDA); allow 9 minutes:
+    PYTHONUNBUFFERED=1 python tools/gpu_check.py --device cuda --out gpu_check_out
+Only some steps again (here within 200 s):
+    python tools/gpu_check.py --device cuda --out gpu_check_out --only bench,sweep --budget 200
+Dry run on the CPU, tiny sizes, on any machine (--tiny also puts random resnet18 weights under
+torchvision's file name into a temporary $TORCH_HOME, so that the weights step runs too; its figures
+measure nothing; 258-457 s on this project's 2-core machine shared with other work, 2026-11-29/30):
+    nice -n 10 python tools/gpu_check.py --device cpu --tiny --out /tmp/gpu_check_out
 Sizes and flags live in FULL and TINY below; they use only flags that patch_ae.py and bench.py have.
 """
 from __future__ import annotations
@@ -47,7 +53,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]  # the repository root: patch_ae.py, bench.py, README.md
+sys.path.insert(0, str(REPO))               # so that the steps import them from tools/
 # step -> its own cap in seconds on the GPU (x10 with --tiny, for a shared CPU); --budget caps the sum
 CAPS = {"inventory": 45, "tests": 120, "quickstart": 60, "paper": 120, "bench": 100, "coreset": 60,
         "scaling": 120, "sweep": 90, "quality": 90, "ensemble": 120, "weights": 180, "suite_on_gpu": 120}
@@ -104,7 +111,7 @@ FIGURES = ("image_auroc", "pixel_auroc", "pixel_aupro", "f1_at_threshold", "trai
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers for the steps (each step runs in its own child process: python gpu_check.py --step NAME)
+# What every step shares (each runs in its own child process: python tools/gpu_check.py --step NAME)
 # ----------------------------------------------------------------------------------------------
 class Step:
     """What a step gets: its sizes, the device, a work folder, and record(), which rewrites the
@@ -528,7 +535,7 @@ def drive(args) -> int:
         print(f"error: --only {args.only}: unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(STEPS)}",
               file=sys.stderr)
         return 2
-    out = Path(args.out or os.environ.get("OUT") or "gpu_check_out")
+    out = Path(args.out or os.environ.get("OUT") or REPO / "gpu_check_out")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -582,16 +589,21 @@ def drive(args) -> int:
     return 0 if all(r["status"] == "ok" for r in report["steps"].values()) else 1
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="device for every step")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (TINY), for a dry run on the CPU")
-    p.add_argument("--out", default="", help="folder for gpu_check.log and gpu_check.json (default: $OUT)")
+    p.add_argument("--out", default="", help="folder for gpu_check.log and gpu_check.json "
+                                             "(default: $OUT if set, else gpu_check_out/ at the repository root)")
     p.add_argument("--work", default="", help="folder for data and runs (default: a new temporary folder)")
     p.add_argument("--only", default="", help=f"comma-separated steps to run (default all: {','.join(STEPS)})")
     p.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 450; 7200 with --tiny)")
     p.add_argument("--step", choices=tuple(STEPS), help=argparse.SUPPRESS)  # internal: run one step in this process
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.budget is None:
         args.budget = 7200 if args.tiny else 450
     if args.step:
