@@ -1,9 +1,13 @@
 """Tests for patch_ae.py: CPU only, tiny images, resnet18 with random weights (no downloads).
 Run: pytest -q"""
 import base64
+import contextlib
+import functools
+import importlib.util
 import io
 import json
 import math
+import re
 import shlex
 import shutil
 from html.parser import HTMLParser
@@ -17,6 +21,7 @@ import torchvision
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
+import bench
 import patch_ae as pa
 
 TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--crop-size", "64", "--epochs", "1"]
@@ -791,7 +796,11 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert result["image_auroc"] >= 0.95 and "validation, epoch 5: image AUROC" in printed
     assert f"selected epoch {result['selected_epoch']} (best;" in printed
-    assert len(list((tmp_path / "runs").glob("synthetic__0__*/training_synthetic_0.png"))) == 1
+    (report,) = (tmp_path / "runs").glob("synthetic__0__*/report.html")  # self-contained: every picture inline
+    page = ReportParser(report.read_text())
+    assert len(page.images) == 36 and not any("http:" in v or "https:" in v for v in page.attributes)
+    for src in page.images:
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).load()
     shutil.copytree(synthetic_root / "synthetic", tmp_path / "my_data" / "my_part")
     shutil.copytree(synthetic_root / "synthetic" / "test", tmp_path / "incoming")
     train, predict = readme_commands("Using it on your own images")
@@ -801,12 +810,11 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
+    assert "Highest-scoring images" in (tmp_path / "runs" / "incoming" / "report.html").read_text()
 
 
 def test_readme_paper_to_code_map_names_exist():
     """Every backticked name in the code column of the README's paper-to-code map is in patch_ae.py."""
-    import functools
-    import re
     text = (Path(__file__).parent / "README.md").read_text()
     body = text.split("\n## Paper-to-code map", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in body.splitlines() if line.startswith("|")][2:]  # after the header and its rule
@@ -831,7 +839,6 @@ def doc_commands() -> dict[str, list[tuple[str, list[str]]]]:
     """Every `python <script> ...` command line of README.md and docs/*.md, by script, as (file, argv):
     in a fenced block one per line (a line ending in a backslash joined with the next, comment lines
     skipped), in the text every inline code span that holds one."""
-    import re
     root, found = Path(__file__).parent, {s: [] for s in DOC_SCRIPTS}
     command = re.compile(r"\bpython3? (" + "|".join(re.escape(s) for s in DOC_SCRIPTS) + r")(?=\s|$)(.*)", re.S)
     for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
@@ -852,11 +859,6 @@ def doc_commands() -> dict[str, list[tuple[str, list[str]]]]:
 def test_doc_commands_parse():
     """Every command line in README.md and docs/ is accepted by the parser of the script it runs
     (placeholders such as /path/to/... are fine: parsing does not read the disk)."""
-    import contextlib
-    import importlib.util
-    import io
-
-    import bench
     spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent / "tools" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
