@@ -283,11 +283,8 @@ LAYOUTS = {"mvtec": MVTEC_TREE, "visa": VISA_TREE, "mvtec2": MVTEC2_TREE}
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
     """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize the shorter side, centre
-    crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides.
-    Deep greyscale to 8 bit: integer modes (16-bit, and 32-bit 'I', as which older Pillow opens 16-bit
-    PNGs) by the full 16-bit range, 0..65535 -> 0..255, the same for every image; float ('F') images
-    with every value in [0, 1] times 255, any other float image min-max per image (no common range).
-    A mask, at any depth: every non-zero pixel is a defect."""
+    crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides. Deep greyscale (16-bit,
+    32-bit 'I' as which older Pillow opens 16-bit PNGs, float 'F') is brought to 8 bit first."""
     try:
         img = Image.open(path)
         img.load()
@@ -300,11 +297,11 @@ def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) 
         lo, hi = a.min(), a.max()
         if mask:                           # a mask pixel is a defect when it is non-zero, at any depth
             a = (a > 0) * 255.0
-        elif img.mode != "F":              # 16-bit range: 65535 -> 255
+        elif img.mode != "F":              # integers: the full 16-bit range, the same for every image, 65535 -> 255
             a = a / 257.0
-        elif lo >= 0 and hi <= 1:
+        elif lo >= 0 and hi <= 1:          # floats in [0, 1]
             a = a * 255.0
-        else:
+        else:                              # any other floats: min-max per image, there is no common range
             a = (a - lo) / max(hi - lo, 1e-12) * 255.0
         img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     img = img.convert("L" if mask else "RGB")
@@ -437,7 +434,8 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int, da
         raise UsageError(f"--category {category}: not found under {root}; found: {', '.join(found) or 'none'} "
                          f"(expected {LAYOUTS[dataset]}; --dataset {dataset})")
     train_paths, test_items, validation_paths = READERS[dataset](root, category)
-    progress = Progress(f"reading {category}", len(train_paths) + len(test_items) + len(validation_paths), "img")
+    test_paths, labels, mask_paths = (list(column) for column in zip(*test_items))
+    progress = Progress(f"reading {category}", len(train_paths) + len(test_paths) + len(validation_paths), "img")
 
     def read(paths):
         images = []
@@ -445,13 +443,11 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int, da
             images.append(read_image(p, image_size, crop_size))
             progress.update()
         return torch.stack(images) if images else None
-    test_paths = [p for p, _, _ in test_items]
     masks, empty = None, torch.zeros(crop_size, crop_size, dtype=torch.bool)
-    if any(mask is not None for _, _, mask in test_items):  # good images get an empty mask
-        masks = torch.stack([empty if mask is None else read_image(mask, image_size, crop_size, mask=True)
-                             for _, _, mask in test_items])
-    return Category(read(train_paths), read(test_paths), np.array([label for _, label, _ in test_items]), masks,
-                    test_paths, read(validation_paths))
+    if any(mask_paths):  # good images get an empty mask
+        masks = torch.stack([empty if path is None else read_image(path, image_size, crop_size, mask=True)
+                             for path in mask_paths])
+    return Category(read(train_paths), read(test_paths), np.array(labels), masks, test_paths, read(validation_paths))
 
 
 DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
