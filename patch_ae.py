@@ -834,11 +834,10 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
 
 
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, batch_size: int, device: torch.device,
+def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
                      desc: str = "features") -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> features (N, C, h, w) on `device`. `encoder`: any image -> map module."""
-    if isinstance(encoder, nn.Module):
-        encoder.eval()
+    """uint8 (N, 3, S, S) -> features (N, C, h, w) on `device`. `encoder`: any image -> feature map module."""
+    encoder.eval()
     progress, out = Progress(desc, len(images), "img"), []
     for batch in images.split(batch_size):
         out.append(encoder(normalize(batch.to(device).float() / 255)))
@@ -954,11 +953,8 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> t
     return TF.gaussian_blur(m, [k, k], [sigma, sigma])[:, 0]
 
 
-PATCH_DISTANCES = ("l2", "squared")
-
-
 @torch.no_grad()
-def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
+def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
                  image_score: str = "max", memory_mb: int = 0, method: str = "mm", distance: str = "l2",
                  desc: str = "scoring", times: dict | None = None,
                  progress: Progress | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -966,10 +962,9 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
     seconds of each stage (features, knn, map). distance: a patch's score is its L2 distance to the
     nearest bank vector ('l2', the paper's) or its square ('squared': the official PatchCore's FAISS
     IndexFlatL2); the same image ranking under 'max', other maps. progress: a caller's, to advance."""
-    if distance not in PATCH_DISTANCES:
-        raise ValueError(f"distance {distance!r}: expected one of {PATCH_DISTANCES}")
-    if isinstance(encoder, nn.Module):
-        encoder.eval()
+    if distance not in ("l2", "squared"):
+        raise ValueError(f"distance {distance!r}: expected 'l2' or 'squared'")
+    encoder.eval()
     progress, scores, maps = progress or Progress(desc, len(images), "img"), [], []
 
     def now() -> float:  # with `times`, wait for the GPU at each stage's end: each stage gets its own seconds
@@ -1048,7 +1043,6 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
 # What a run records of fit()'s result: results.json takes them all, and the model file keeps them beside the
 # encoder and the bank (a file from an older version may lack some: they read as None).
 RUN_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "val_every",
@@ -1072,7 +1066,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
         raise UsageError(f"--load {path}: {reason}; make one with --save") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UsageError(f"--load {path}: not a {MODEL_FORMAT} model file of patch_ae.py; make one with --save")
-    for key in MODEL_KEYS:
+    for key in ("backbone", "feat_dim", "image_size", "crop_size"):  # the settings a model file fixes
         if key in given and getattr(cfg, key) != blob["config"][key]:
             raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
                              f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or retrain")
