@@ -772,18 +772,17 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     n, steps = len(images), max(1, math.ceil(len(images) / cfg.batch_size) * cfg.epochs)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731, per optimiser step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.lr_schedule == "cosine" else lambda step: 1.0)
-    losses, curve, best, start, val_seconds = [], [], None, time.perf_counter(), 0.0
+    losses, curve, best_row, best_state, start = [], [], None, None, time.perf_counter()
     val_every = cfg.val_every
 
     def checkpoint(epoch: int) -> None:
-        nonlocal best, val_seconds
+        nonlocal best_row, best_state
         t0 = clock(device)
         row = {"epoch": epoch, "loss": losses[-1] if losses else None, **validate(model.encoder, val, cfg, device)}
         row["seconds"] = clock(device) - t0
-        val_seconds += row["seconds"]
         curve.append(row)
-        if best is None or row["score"] > best[0]["score"] + cfg.val_tolerance:  # else the earlier epoch stays
-            best = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+        if best_row is None or row["score"] > best_row["score"] + cfg.val_tolerance:  # else the earlier one stays
+            best_row, best_state = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
         model.train()
         print(f"  validation, epoch {epoch}: image AUROC {fmt(row['image_auroc'])}, pixel AUROC "
               f"{fmt(row['pixel_auroc'])}, AUPRO {fmt(row['pixel_aupro'])}, |R| {row['feature_norm']:.3g}, dead "
@@ -819,15 +818,15 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
                   f"{now - t0:.1f}s, --val-budget {cfg.val_budget:g} of the training time", flush=True)
         if val is not None and (epoch % val_every == 0 or epoch == cfg.epochs):
             checkpoint(epoch)
-    selected = cfg.epochs
-    if val is not None and cfg.select == "best":
-        model.encoder.load_state_dict(best[1])
-        selected = best[0]["epoch"]
+    selected, val_seconds = cfg.epochs, sum(row["seconds"] for row in curve)
     if val is not None:
+        if cfg.select == "best":
+            model.encoder.load_state_dict(best_state)
+            selected = best_row["epoch"]
         train_seconds = time.perf_counter() - start - val_seconds
-        print(f"selected epoch {selected} ({cfg.select}; best validation score {fmt(best[0]['score'])} at epoch "
-              f"{best[0]['epoch']}); validation {val_seconds:.1f}s = {fmt(val_seconds / max(train_seconds, 1e-9), 0)}% "
-              f"of the training time", flush=True)
+        print(f"selected epoch {selected} ({cfg.select}; best validation score {fmt(best_row['score'])} at epoch "
+              f"{best_row['epoch']}); validation {val_seconds:.1f}s = {fmt(val_seconds / max(train_seconds, 1e-9), 0)}"
+              f"% of the training time", flush=True)
     model.encoder.eval()
     return {"loss_by_epoch": losses, "validation_curve": curve, "selected_epoch": selected,
             "validation_seconds": val_seconds, "val_every": val_every or None}
