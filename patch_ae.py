@@ -1295,28 +1295,27 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
     """Train Patch AE on train/good minus the held-out images, validating on those; then the memory
     bank and the threshold from the selected encoder. Returns encoder, bank, threshold, curves, timing."""
     seed_everything(seed)
+    paper_protocol = "all of train/good trains and fills the bank, as the paper's"
     if data.validation is not None:  # the dataset holds out its own normal images (MVTec AD 2)
         train, held = data.train, data.validation
+        protocol = paper_protocol + " (the dataset's own normal images validate)"
     else:
         order = torch.randperm(len(data.train))
         n_hold = int(round(len(order) * cfg.holdout))
         if len(order) - n_hold < 1:
             raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; lower it")
         train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
+        protocol = paper_protocol if not n_hold else (f"{n_hold} of {len(data.train)} train/good images held "
+                                                      f"out for validation and the threshold, not the paper's protocol")
     if not len(held) and cfg.select == "best" and cfg.epochs > 0:
         raise UsageError("--select best validates on held-out normal images, and --holdout 0 leaves none; "
                          "pass --holdout > 0, or --select last to keep the last epoch")
-    protocol = ("all of train/good trains and fills the bank, as the paper's (the dataset's own normal images "
-                "validate)" if data.validation is not None else
-                "all of train/good trains and fills the bank, as the paper's" if not len(held) else
-                f"{len(held)} of {len(data.train)} train/good images held out for validation and the threshold, "
-                f"not the paper's protocol")
     print(f"training on {len(train)} images, {len(held)} held out for validation and the threshold", flush=True)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
     t0 = clock(device)
     training = train_patch_ae(model, train, cfg, device, make_validation(held, train, seed) if len(held) else None)
-    encoder = model.encoder.eval()
+    encoder = model.encoder
     t1 = clock(device)
     bank = build_memory_bank(extract_features(encoder, train, cfg.batch_size, device), cfg.coreset_ratio, seed)
     t2 = clock(device)
