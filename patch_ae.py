@@ -1341,10 +1341,9 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size, device, cfg.image_score,
                                 cfg.knn_memory_mb, desc="test")
     ms = (clock(device) - t0) / len(data.test) * 1000
-    result, thr = compute_metrics(data.labels, scores, data.masks, maps), model["threshold"]
-    both = len(np.unique(data.labels)) == 2
-    result["f1_at_threshold"] = float(f1_score(data.labels, scores >= thr)) if thr is not None and both else None
-    result["ms_per_image"] = ms
+    thr, both_classes = model["threshold"], len(np.unique(data.labels)) == 2
+    f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
+    result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1, "ms_per_image": ms}
     vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
     for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
         p = data.test_paths[i]
@@ -1447,14 +1446,14 @@ def record(cfg: Config, category: str, seed: int, data: Category, model: dict, r
 
 
 def run(cfg: Config, given: set) -> list[dict]:
-    """Set up; train (or load) and test every category and seed; write the results; score --predict's
-    folder; write the report. Returns the runs' records."""
+    """Each step the flags ask for: train (or load) and test, results, --predict, report.html. Returns the records."""
     device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
     if cfg.synthetic:
         make_synthetic_category(root)
     model = load_model(cfg.load, cfg, given, device) if cfg.load else None
+    weights = "from " + cfg.load if cfg.load else cfg.weights
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"backbone {cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}", flush=True)
+          f"backbone {cfg.backbone}, weights {weights}", flush=True)
     if cfg.weights == "none" and not cfg.load:
         print("note: --weights none (random init): results are not comparable with the paper's")
     runs, sections, unreadable = [], [], None
@@ -1474,8 +1473,7 @@ def run(cfg: Config, given: set) -> list[dict]:
         sections.append(section)
     if cfg.report_images:
         write_report(out / "report.html", f"Patch AE: {cfg.predict if cfg.load and cfg.predict else cfg.category}, "
-                     f"{cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}, {device}, "
-                     f"{time.strftime('%Y-%m-%d %H:%M')}", sections)
+                     f"{cfg.backbone}, weights {weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
     if unreadable:
         raise UsageError(unreadable)
     return runs
