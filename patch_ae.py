@@ -164,7 +164,7 @@ def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False
             continue
         md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
         names += list(md.pop("aliases", ()))
-        if f.type in ("bool", bool):
+        if f.type == "bool":  # annotations are strings here (from __future__ import annotations)
             p.add_argument(*names, dest=f.name, action="store_true", **md)
             continue
         md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
@@ -711,8 +711,7 @@ def make_validation(held: torch.Tensor, train: torch.Tensor, seed: int) -> Valid
     labels = np.repeat([0] + [1] * len(DEFECT_KINDS), len(held))
     bank_images = train[torch.randperm(len(train), generator=g)[:VAL_BANK_IMAGES]]
     h, w = (s // Encoder.stride for s in train.shape[-2:])
-    n_rows = len(bank_images) * h * w
-    rows = torch.randperm(n_rows, generator=g)[:VAL_BANK_ROWS].sort().values
+    rows = torch.randperm(len(bank_images) * h * w, generator=g)[:VAL_BANK_ROWS].sort().values  # of n*h*w rows
     return Validation(torch.cat(images).contiguous(), labels, torch.cat(masks), bank_images, rows)
 
 
@@ -974,10 +973,10 @@ def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, b
         t1 = now()
         q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
         d, idx = knn_scores(q, bank, memory_mb=memory_mb, method=method)  # (B*h*w, 1)
-        patch = (d if distance == "l2" else d.square()).view(len(batch), -1)  # (B, h*w)
-        scores.append(image_scores(patch, idx, q, bank, image_score).cpu())
+        patch = (d if distance == "l2" else d.square()).view(len(batch), *r.shape[2:])  # (B, h, w)
+        scores.append(image_scores(patch.flatten(1), idx, q, bank, image_score).cpu())
         t2 = now()
-        maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())
+        maps.append(anomaly_maps(patch, images.shape[-1]).cpu())
         t3 = now()
         if times is not None:
             for stage, seconds in (("features", t1 - t0), ("knn", t2 - t1), ("map", t3 - t2)):
@@ -1394,15 +1393,14 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     scores = np.array([float(r[1]) for r in rows[1:] if r[1]])
     flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
     print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
+    unread = "".join(f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
     section = "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
                        f"{html.escape(flagged)}; every score in predictions.csv.</p>",
                        score_histogram([("scored", scores, "black")], thr) if len(scores) else "",
                        gallery("Highest-scoring images (input | heatmap over the input)",
                                [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
                                "None: no image could be scored."),
-                       "<h3>Files that could not be read</h3>", "".join(
-                           f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
-                       or "<p>None.</p>"])
+                       "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
     if errors:
         return section, (f"--predict {folder}: {len(errors)} of {len(paths)} files could not be read (the error "
                          f"column of {out / 'predictions.csv'} says why); the other {len(scores)} were scored")
