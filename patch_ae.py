@@ -1352,12 +1352,11 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
 
 
 def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> tuple[str, str | None]:
-    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image, named
-    after the whole file name (a.png and a.jpg get a.png.png and a.jpg.png). Reads, scores and writes heatmaps
-    one batch at a time, so memory stays flat whatever the folder size (only the CSV rows and the report's
-    top --report-images wait for the end). A file that cannot be read gets a row with the reason and the
-    others are scored. Returns the report's section and None, or the line that ends the run (exit code 2)
-    when some files could not be read."""
+    """Scores every image under `folder` (recursively) into predictions.csv and one heatmap each, named after
+    the whole file name (a.png, a.jpg -> a.png.png, a.jpg.png), one batch at a time: memory stays flat whatever
+    the folder size (but for the CSV rows and the report's top images). An unreadable file gets a row saying
+    why; the others are scored. Returns the report's section and None, or, when some files could not be
+    read, the line that ends the run (exit code 2)."""
     if not folder.is_dir():
         raise UsageError(f"--predict {folder}: folder not found")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
