@@ -116,7 +116,7 @@ class Config:
                            "unless --data-root is given)")
     backbone: str = flag("wide_resnet101_2", "encoder backbone (Sec. 2.3)", choices=BACKBONES)
     weights: str = flag("imagenet", "backbone init: 'imagenet' (torchvision IMAGENET1K_V1, read from "
-                        "$TORCH_HOME/hub/checkpoints when offline), 'none' (random init), or a path to a state_dict file")
+                        "$TORCH_HOME/hub/checkpoints when offline), 'none' (random init), or a state_dict file")
     image_size: int = flag(256, "resize the shorter side to this (PatchCore: 256)")
     crop_size: int = flag(224, "centre crop, a multiple of 8 (PatchCore: 224)")
     epochs: int = flag(50, "training epochs (paper: not stated)")
@@ -125,7 +125,7 @@ class Config:
     backbone_lr: float = flag(0.1, "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)")
     freeze: str = flag("stem", "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
                        choices=("none", "stem", "layer2"))
-    lr_schedule: str = flag("cosine", "'constant', or 'cosine' decay to 0 over --epochs", choices=("constant", "cosine"))
+    lr_schedule: str = flag("cosine", "'cosine' decay to 0 over --epochs or 'constant'", choices=("constant", "cosine"))
     clip_grad: float = flag(0.0, "clip the gradients' total L2 norm to this; 0 = off")
     norm_eps: float = flag(1e-6, "eps of norm() in Eq. 3: patch standardisation divides by sqrt(var + eps)")
     select: str = flag("best", "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' "
@@ -145,7 +145,7 @@ class Config:
     holdout: float = flag(0.1, "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold")
     threshold_quantile: float = flag(0.99, "threshold = this quantile of the held-out normal images' scores, in (0, 1]")
     device: str = flag("auto", "auto = cuda when present", choices=("auto", "cpu", "cuda"))
-    seed: list = flag(lambda: [0], "one or more seeds (--seeds 0 1 2 repeats the run and reports mean +- std)", nargs="+",
+    seed: list = flag(lambda: [0], "one or more seeds (--seeds 0 1 2 runs each and reports mean +- std)", nargs="+",
                       type=int, aliases=("--seeds",))
     out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)")
     overwrite: bool = flag(False, "allow writing into an --out folder that has results")
@@ -1075,7 +1075,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
     try:
         encoder.load_state_dict(blob["encoder"])
     except RuntimeError as e:
-        raise UsageError(f"--load {path}: encoder weights do not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"--load {path}: its encoder does not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
     return {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
             **{key: blob.get(key) for key in RUN_FIELDS}}
 
@@ -1219,7 +1219,8 @@ def svg_plot(title: str, xlabel: str, series: list, marks: list = (), width: int
 
 
 def score_histogram(groups: list, threshold: float | None) -> str:
-    """groups: [(name, scores, colour)] -> one step line per group on shared bins, the threshold marked."""
+    """groups: [(name, scores, colour)] -> one step line per non-empty group on shared bins, the threshold marked."""
+    groups = [(name, s, colour) for name, s, colour in groups if len(s)]
     edges = np.histogram_bin_edges(np.concatenate([s for _, s, _ in groups]) if groups else [0.0], bins=24)
     return svg_plot("image scores: number of images", "image score",
                     [(f"{name} ({len(s)})", np.repeat(edges, 2)[1:-1], np.repeat(np.histogram(s, edges)[0], 2), colour)
@@ -1261,7 +1262,7 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
              svg_plot("training loss (Eq. 3)", "epoch", [("loss", range(1, len(losses) + 1), losses, "dimgray")],
                       [(sel, "")]),
              "<h3>Image scores</h3>", roc,
-             score_histogram([g for g in (("normal", normal, "green"), ("defective", defect, "red")) if len(g[1])], thr),
+             score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr),
              f"<p>{html.escape(verdict)}</p><p>Each picture: input | heatmap over the input{masks}; heatmap colours "
              f"span the held-out normal images' maps (red: above every held-out pixel).</p>"]
     order, vrange = np.argsort(-scores, kind="stable"), model["map_range"] or (float(maps.min()), float(maps.max()))
