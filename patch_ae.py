@@ -1250,8 +1250,8 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
                        [("ROC", fpr, tpr, "blue"), ("chance", [0, 1], [0, 1], "#bbb")])
     verdict = "No threshold: no normal training image was held out to fit one (--holdout 0)."
     if thr is not None:
-        missed = f"misses {int((defect < thr).sum())} of {len(defect)} defective images" if len(defect) else \
-            "no defective test image to miss"
+        missed = (f"misses {int((defect < thr).sum())} of {len(defect)} defective images" if len(defect)
+                  else "no defective test image to miss")
         verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags {int((normal >= thr).sum())} of "
                    f"{len(normal)} normal test images, {missed}; F1 {fmt(result['f1_at_threshold'])}.")
     masks = " | ground-truth mask" if data.masks is not None else " (this test set has no masks)"
