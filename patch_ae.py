@@ -116,7 +116,7 @@ class Config:
                            "unless --data-root is given)")
     backbone: str = flag("wide_resnet101_2", "encoder backbone (Sec. 2.3)", choices=BACKBONES)
     weights: str = flag("imagenet", "backbone init: 'imagenet' (torchvision IMAGENET1K_V1, read from "
-                        "$TORCH_HOME/hub/checkpoints when offline), 'none' (random init), or a path to a state_dict file")
+                        "$TORCH_HOME/hub/checkpoints when offline), 'none' (random init), or a state_dict file")
     image_size: int = flag(256, "resize the shorter side to this (PatchCore: 256)")
     crop_size: int = flag(224, "centre crop, a multiple of 8 (PatchCore: 224)")
     epochs: int = flag(50, "training epochs (paper: not stated)")
@@ -125,7 +125,7 @@ class Config:
     backbone_lr: float = flag(0.1, "learning rate of the pretrained backbone layers as a multiple of --lr (0 = frozen)")
     freeze: str = flag("stem", "pretrained stages kept frozen: none, stem (conv1 + layer1), or stem and layer2",
                        choices=("none", "stem", "layer2"))
-    lr_schedule: str = flag("cosine", "'constant', or 'cosine' decay to 0 over --epochs", choices=("constant", "cosine"))
+    lr_schedule: str = flag("cosine", "'cosine' decay to 0 over --epochs or 'constant'", choices=("constant", "cosine"))
     clip_grad: float = flag(0.0, "clip the gradients' total L2 norm to this; 0 = off")
     norm_eps: float = flag(1e-6, "eps of norm() in Eq. 3: patch standardisation divides by sqrt(var + eps)")
     select: str = flag("best", "encoder kept after training: 'best' validation score (epoch 0 included) or 'last' "
@@ -145,7 +145,7 @@ class Config:
     holdout: float = flag(0.1, "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold")
     threshold_quantile: float = flag(0.99, "threshold = this quantile of the held-out normal images' scores, in (0, 1]")
     device: str = flag("auto", "auto = cuda when present", choices=("auto", "cpu", "cuda"))
-    seed: list = flag(lambda: [0], "one or more seeds (--seeds 0 1 2 repeats the run and reports mean +- std)", nargs="+",
+    seed: list = flag(lambda: [0], "one or more seeds (--seeds 0 1 2 runs each and reports mean +- std)", nargs="+",
                       type=int, aliases=("--seeds",))
     out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)")
     overwrite: bool = flag(False, "allow writing into an --out folder that has results")
@@ -164,7 +164,7 @@ def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False
             continue
         md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
         names += list(md.pop("aliases", ()))
-        if f.type in ("bool", bool):
+        if f.type == "bool":  # annotations are strings here (from __future__ import annotations)
             p.add_argument(*names, dest=f.name, action="store_true", **md)
             continue
         md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
@@ -283,11 +283,8 @@ LAYOUTS = {"mvtec": MVTEC_TREE, "visa": VISA_TREE, "mvtec2": MVTEC2_TREE}
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
     """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize the shorter side, centre
-    crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides.
-    Deep greyscale to 8 bit: integer modes (16-bit, and 32-bit 'I', as which older Pillow opens 16-bit
-    PNGs) by the full 16-bit range, 0..65535 -> 0..255, the same for every image; float ('F') images
-    with every value in [0, 1] times 255, any other float image min-max per image (no common range).
-    A mask, at any depth: every non-zero pixel is a defect."""
+    crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides. Deep greyscale (16-bit,
+    32-bit 'I' as which older Pillow opens 16-bit PNGs, float 'F') is brought to 8 bit first."""
     try:
         img = Image.open(path)
         img.load()
@@ -300,11 +297,11 @@ def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) 
         lo, hi = a.min(), a.max()
         if mask:                           # a mask pixel is a defect when it is non-zero, at any depth
             a = (a > 0) * 255.0
-        elif img.mode != "F":              # 16-bit range: 65535 -> 255
+        elif img.mode != "F":              # integers: the full 16-bit range, the same for every image, 65535 -> 255
             a = a / 257.0
-        elif lo >= 0 and hi <= 1:
+        elif lo >= 0 and hi <= 1:          # floats in [0, 1]
             a = a * 255.0
-        else:
+        else:                              # any other floats: min-max per image, there is no common range
             a = (a - lo) / max(hi - lo, 1e-12) * 255.0
         img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
     img = img.convert("L" if mask else "RGB")
@@ -437,7 +434,8 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int, da
         raise UsageError(f"--category {category}: not found under {root}; found: {', '.join(found) or 'none'} "
                          f"(expected {LAYOUTS[dataset]}; --dataset {dataset})")
     train_paths, test_items, validation_paths = READERS[dataset](root, category)
-    progress = Progress(f"reading {category}", len(train_paths) + len(test_items) + len(validation_paths), "img")
+    test_paths, labels, mask_paths = (list(column) for column in zip(*test_items))
+    progress = Progress(f"reading {category}", len(train_paths) + len(test_paths) + len(validation_paths), "img")
 
     def read(paths):
         images = []
@@ -445,13 +443,11 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int, da
             images.append(read_image(p, image_size, crop_size))
             progress.update()
         return torch.stack(images) if images else None
-    test_paths = [p for p, _, _ in test_items]
     masks, empty = None, torch.zeros(crop_size, crop_size, dtype=torch.bool)
-    if any(mask is not None for _, _, mask in test_items):  # good images get an empty mask
-        masks = torch.stack([empty if mask is None else read_image(mask, image_size, crop_size, mask=True)
-                             for _, _, mask in test_items])
-    return Category(read(train_paths), read(test_paths), np.array([label for _, label, _ in test_items]), masks,
-                    test_paths, read(validation_paths))
+    if any(mask_paths):  # good images get an empty mask
+        masks = torch.stack([empty if path is None else read_image(path, image_size, crop_size, mask=True)
+                             for path in mask_paths])
+    return Category(read(train_paths), read(test_paths), np.array(labels), masks, test_paths, read(validation_paths))
 
 
 DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
@@ -715,8 +711,7 @@ def make_validation(held: torch.Tensor, train: torch.Tensor, seed: int) -> Valid
     labels = np.repeat([0] + [1] * len(DEFECT_KINDS), len(held))
     bank_images = train[torch.randperm(len(train), generator=g)[:VAL_BANK_IMAGES]]
     h, w = (s // Encoder.stride for s in train.shape[-2:])
-    n_rows = len(bank_images) * h * w
-    rows = torch.randperm(n_rows, generator=g)[:VAL_BANK_ROWS].sort().values
+    rows = torch.randperm(len(bank_images) * h * w, generator=g)[:VAL_BANK_ROWS].sort().values  # of n*h*w rows
     return Validation(torch.cat(images).contiguous(), labels, torch.cat(masks), bank_images, rows)
 
 
@@ -776,18 +771,17 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     n, steps = len(images), max(1, math.ceil(len(images) / cfg.batch_size) * cfg.epochs)
     cosine = lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))  # noqa: E731, per optimiser step
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine if cfg.lr_schedule == "cosine" else lambda step: 1.0)
-    losses, curve, best, start, val_seconds = [], [], None, time.perf_counter(), 0.0
+    losses, curve, best_row, best_state, start = [], [], None, None, time.perf_counter()
     val_every = cfg.val_every
 
     def checkpoint(epoch: int) -> None:
-        nonlocal best, val_seconds
+        nonlocal best_row, best_state
         t0 = clock(device)
         row = {"epoch": epoch, "loss": losses[-1] if losses else None, **validate(model.encoder, val, cfg, device)}
         row["seconds"] = clock(device) - t0
-        val_seconds += row["seconds"]
         curve.append(row)
-        if best is None or row["score"] > best[0]["score"] + cfg.val_tolerance:  # else the earlier epoch stays
-            best = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
+        if best_row is None or row["score"] > best_row["score"] + cfg.val_tolerance:  # else the earlier one stays
+            best_row, best_state = row, {k: v.detach().clone() for k, v in model.encoder.state_dict().items()}
         model.train()
         print(f"  validation, epoch {epoch}: image AUROC {fmt(row['image_auroc'])}, pixel AUROC "
               f"{fmt(row['pixel_auroc'])}, AUPRO {fmt(row['pixel_aupro'])}, |R| {row['feature_norm']:.3g}, dead "
@@ -823,26 +817,25 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
                   f"{now - t0:.1f}s, --val-budget {cfg.val_budget:g} of the training time", flush=True)
         if val is not None and (epoch % val_every == 0 or epoch == cfg.epochs):
             checkpoint(epoch)
-    selected = cfg.epochs
-    if val is not None and cfg.select == "best":
-        model.encoder.load_state_dict(best[1])
-        selected = best[0]["epoch"]
+    selected, val_seconds = cfg.epochs, sum(row["seconds"] for row in curve)
     if val is not None:
+        if cfg.select == "best":
+            model.encoder.load_state_dict(best_state)
+            selected = best_row["epoch"]
         train_seconds = time.perf_counter() - start - val_seconds
-        print(f"selected epoch {selected} ({cfg.select}; best validation score {fmt(best[0]['score'])} at epoch "
-              f"{best[0]['epoch']}); validation {val_seconds:.1f}s = {fmt(val_seconds / max(train_seconds, 1e-9), 0)}% "
-              f"of the training time", flush=True)
+        print(f"selected epoch {selected} ({cfg.select}; best validation score {fmt(best_row['score'])} at epoch "
+              f"{best_row['epoch']}); validation {val_seconds:.1f}s = {fmt(val_seconds / max(train_seconds, 1e-9), 0)}"
+              f"% of the training time", flush=True)
     model.encoder.eval()
     return {"loss_by_epoch": losses, "validation_curve": curve, "selected_epoch": selected,
             "validation_seconds": val_seconds, "val_every": val_every or None}
 
 
 @torch.no_grad()
-def extract_features(encoder, images: torch.Tensor, batch_size: int, device: torch.device,
+def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
                      desc: str = "features") -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> features (N, C, h, w) on `device`. `encoder`: any image -> map module."""
-    if isinstance(encoder, nn.Module):
-        encoder.eval()
+    """uint8 (N, 3, S, S) -> features (N, C, h, w) on `device`. `encoder`: any image -> feature map module."""
+    encoder.eval()
     progress, out = Progress(desc, len(images), "img"), []
     for batch in images.split(batch_size):
         out.append(encoder(normalize(batch.to(device).float() / 255)))
@@ -958,11 +951,8 @@ def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> t
     return TF.gaussian_blur(m, [k, k], [sigma, sigma])[:, 0]
 
 
-PATCH_DISTANCES = ("l2", "squared")
-
-
 @torch.no_grad()
-def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
+def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, batch_size: int, device: torch.device,
                  image_score: str = "max", memory_mb: int = 0, method: str = "mm", distance: str = "l2",
                  desc: str = "scoring", times: dict | None = None,
                  progress: Progress | None = None) -> tuple[np.ndarray, torch.Tensor]:
@@ -970,10 +960,9 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
     seconds of each stage (features, knn, map). distance: a patch's score is its L2 distance to the
     nearest bank vector ('l2', the paper's) or its square ('squared': the official PatchCore's FAISS
     IndexFlatL2); the same image ranking under 'max', other maps. progress: a caller's, to advance."""
-    if distance not in PATCH_DISTANCES:
-        raise ValueError(f"distance {distance!r}: expected one of {PATCH_DISTANCES}")
-    if isinstance(encoder, nn.Module):
-        encoder.eval()
+    if distance not in ("l2", "squared"):
+        raise ValueError(f"distance {distance!r}: expected 'l2' or 'squared'")
+    encoder.eval()
     progress, scores, maps = progress or Progress(desc, len(images), "img"), [], []
 
     def now() -> float:  # with `times`, wait for the GPU at each stage's end: each stage gets its own seconds
@@ -984,10 +973,10 @@ def score_images(encoder, bank: torch.Tensor, images: torch.Tensor, batch_size: 
         t1 = now()
         q = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])               # (B*h*w, C)
         d, idx = knn_scores(q, bank, memory_mb=memory_mb, method=method)  # (B*h*w, 1)
-        patch = (d if distance == "l2" else d.square()).view(len(batch), -1)  # (B, h*w)
-        scores.append(image_scores(patch, idx, q, bank, image_score).cpu())
+        patch = (d if distance == "l2" else d.square()).view(len(batch), *r.shape[2:])  # (B, h, w)
+        scores.append(image_scores(patch.flatten(1), idx, q, bank, image_score).cpu())
         t2 = now()
-        maps.append(anomaly_maps(patch.view(r.shape[0], *r.shape[2:]), images.shape[-1]).cpu())
+        maps.append(anomaly_maps(patch, images.shape[-1]).cpu())
         t3 = now()
         if times is not None:
             for stage, seconds in (("features", t1 - t0), ("knn", t2 - t1), ("map", t3 - t2)):
@@ -1052,7 +1041,6 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-MODEL_KEYS = ("backbone", "feat_dim", "image_size", "crop_size")  # what a model file fixes
 # What a run records of fit()'s result: results.json takes them all, and the model file keeps them beside the
 # encoder and the bank (a file from an older version may lack some: they read as None).
 RUN_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "val_every",
@@ -1076,7 +1064,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
         raise UsageError(f"--load {path}: {reason}; make one with --save") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UsageError(f"--load {path}: not a {MODEL_FORMAT} model file of patch_ae.py; make one with --save")
-    for key in MODEL_KEYS:
+    for key in ("backbone", "feat_dim", "image_size", "crop_size"):  # the settings a model file fixes
         if key in given and getattr(cfg, key) != blob["config"][key]:
             raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
                              f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or retrain")
@@ -1087,7 +1075,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
     try:
         encoder.load_state_dict(blob["encoder"])
     except RuntimeError as e:
-        raise UsageError(f"--load {path}: encoder weights do not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
+        raise UsageError(f"--load {path}: its encoder does not fit {cfg.backbone} ({str(e).splitlines()[0]})") from None
     return {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
             **{key: blob.get(key) for key in RUN_FIELDS}}
 
@@ -1231,7 +1219,8 @@ def svg_plot(title: str, xlabel: str, series: list, marks: list = (), width: int
 
 
 def score_histogram(groups: list, threshold: float | None) -> str:
-    """groups: [(name, scores, colour)] -> one step line per group on shared bins, the threshold marked."""
+    """groups: [(name, scores, colour)] -> one step line per non-empty group on shared bins, the threshold marked."""
+    groups = [(name, s, colour) for name, s, colour in groups if len(s)]
     edges = np.histogram_bin_edges(np.concatenate([s for _, s, _ in groups]) if groups else [0.0], bins=24)
     return svg_plot("image scores: number of images", "image score",
                     [(f"{name} ({len(s)})", np.repeat(edges, 2)[1:-1], np.repeat(np.histogram(s, edges)[0], 2), colour)
@@ -1261,8 +1250,8 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
                        [("ROC", fpr, tpr, "blue"), ("chance", [0, 1], [0, 1], "#bbb")])
     verdict = "No threshold: no normal training image was held out to fit one (--holdout 0)."
     if thr is not None:
-        missed = f"misses {int((defect < thr).sum())} of {len(defect)} defective images" if len(defect) else \
-            "no defective test image to miss"
+        missed = (f"misses {int((defect < thr).sum())} of {len(defect)} defective images" if len(defect)
+                  else "no defective test image to miss")
         verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags {int((normal >= thr).sum())} of "
                    f"{len(normal)} normal test images, {missed}; F1 {fmt(result['f1_at_threshold'])}.")
     masks = " | ground-truth mask" if data.masks is not None else " (this test set has no masks)"
@@ -1273,7 +1262,7 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
              svg_plot("training loss (Eq. 3)", "epoch", [("loss", range(1, len(losses) + 1), losses, "dimgray")],
                       [(sel, "")]),
              "<h3>Image scores</h3>", roc,
-             score_histogram([g for g in (("normal", normal, "green"), ("defective", defect, "red")) if len(g[1])], thr),
+             score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr),
              f"<p>{html.escape(verdict)}</p><p>Each picture: input | heatmap over the input{masks}; heatmap colours "
              f"span the held-out normal images' maps (red: above every held-out pixel).</p>"]
     order, vrange = np.argsort(-scores, kind="stable"), model["map_range"] or (float(maps.min()), float(maps.max()))
@@ -1306,28 +1295,27 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
     """Train Patch AE on train/good minus the held-out images, validating on those; then the memory
     bank and the threshold from the selected encoder. Returns encoder, bank, threshold, curves, timing."""
     seed_everything(seed)
+    paper_protocol = "all of train/good trains and fills the bank, as the paper's"
     if data.validation is not None:  # the dataset holds out its own normal images (MVTec AD 2)
         train, held = data.train, data.validation
+        protocol = paper_protocol + " (the dataset's own normal images validate)"
     else:
         order = torch.randperm(len(data.train))
         n_hold = int(round(len(order) * cfg.holdout))
         if len(order) - n_hold < 1:
             raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; lower it")
         train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
+        protocol = paper_protocol if not n_hold else (f"{n_hold} of {len(data.train)} train/good images held "
+                                                      f"out for validation and the threshold, not the paper's protocol")
     if not len(held) and cfg.select == "best" and cfg.epochs > 0:
         raise UsageError("--select best validates on held-out normal images, and --holdout 0 leaves none; "
                          "pass --holdout > 0, or --select last to keep the last epoch")
-    protocol = ("all of train/good trains and fills the bank, as the paper's (the dataset's own normal images "
-                "validate)" if data.validation is not None else
-                "all of train/good trains and fills the bank, as the paper's" if not len(held) else
-                f"{len(held)} of {len(data.train)} train/good images held out for validation and the threshold, "
-                f"not the paper's protocol")
     print(f"training on {len(train)} images, {len(held)} held out for validation and the threshold", flush=True)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
     t0 = clock(device)
     training = train_patch_ae(model, train, cfg, device, make_validation(held, train, seed) if len(held) else None)
-    encoder = model.encoder.eval()
+    encoder = model.encoder
     t1 = clock(device)
     bank = build_memory_bank(extract_features(encoder, train, cfg.batch_size, device), cfg.coreset_ratio, seed)
     t2 = clock(device)
@@ -1353,10 +1341,9 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size, device, cfg.image_score,
                                 cfg.knn_memory_mb, desc="test")
     ms = (clock(device) - t0) / len(data.test) * 1000
-    result, thr = compute_metrics(data.labels, scores, data.masks, maps), model["threshold"]
-    both = len(np.unique(data.labels)) == 2
-    result["f1_at_threshold"] = float(f1_score(data.labels, scores >= thr)) if thr is not None and both else None
-    result["ms_per_image"] = ms
+    thr, both_classes = model["threshold"], len(np.unique(data.labels)) == 2
+    f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
+    result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1, "ms_per_image": ms}
     vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
     for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
         p = data.test_paths[i]
@@ -1366,12 +1353,11 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
 
 
 def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device, out: Path) -> tuple[str, str | None]:
-    """Scores every image under `folder` (recursively): predictions.csv and one heatmap per image, named
-    after the whole file name (a.png and a.jpg get a.png.png and a.jpg.png). Reads, scores and writes heatmaps
-    one batch at a time, so memory stays flat whatever the folder size (only the CSV rows and the report's
-    top --report-images wait for the end). A file that cannot be read gets a row with the reason and the
-    others are scored. Returns the report's section and None, or the line that ends the run (exit code 2)
-    when some files could not be read."""
+    """Scores every image under `folder` (recursively) into predictions.csv and one heatmap each, named after
+    the whole file name (a.png, a.jpg -> a.png.png, a.jpg.png), one batch at a time: memory stays flat whatever
+    the folder size (but for the CSV rows and the report's top images). An unreadable file gets a row saying
+    why; the others are scored. Returns the report's section and None, or, when some files could not be
+    read, the line that ends the run (exit code 2)."""
     if not folder.is_dir():
         raise UsageError(f"--predict {folder}: folder not found")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
@@ -1407,15 +1393,14 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     scores = np.array([float(r[1]) for r in rows[1:] if r[1]])
     flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
     print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
+    unread = "".join(f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
     section = "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
                        f"{html.escape(flagged)}; every score in predictions.csv.</p>",
                        score_histogram([("scored", scores, "black")], thr) if len(scores) else "",
                        gallery("Highest-scoring images (input | heatmap over the input)",
                                [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
                                "None: no image could be scored."),
-                       "<h3>Files that could not be read</h3>", "".join(
-                           f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
-                       or "<p>None.</p>"])
+                       "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
     if errors:
         return section, (f"--predict {folder}: {len(errors)} of {len(paths)} files could not be read (the error "
                          f"column of {out / 'predictions.csv'} says why); the other {len(scores)} were scored")
@@ -1459,14 +1444,14 @@ def record(cfg: Config, category: str, seed: int, data: Category, model: dict, r
 
 
 def run(cfg: Config, given: set) -> list[dict]:
-    """Set up; train (or load) and test every category and seed; write the results; score --predict's
-    folder; write the report. Returns the runs' records."""
+    """Each step the flags ask for: train (or load) and test, results, --predict, report.html. Returns the records."""
     device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
     if cfg.synthetic:
         make_synthetic_category(root)
     model = load_model(cfg.load, cfg, given, device) if cfg.load else None
+    weights = "from " + cfg.load if cfg.load else cfg.weights
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"backbone {cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}", flush=True)
+          f"backbone {cfg.backbone}, weights {weights}", flush=True)
     if cfg.weights == "none" and not cfg.load:
         print("note: --weights none (random init): results are not comparable with the paper's")
     runs, sections, unreadable = [], [], None
@@ -1486,8 +1471,7 @@ def run(cfg: Config, given: set) -> list[dict]:
         sections.append(section)
     if cfg.report_images:
         write_report(out / "report.html", f"Patch AE: {cfg.predict if cfg.load and cfg.predict else cfg.category}, "
-                     f"{cfg.backbone}, weights {'from ' + cfg.load if cfg.load else cfg.weights}, {device}, "
-                     f"{time.strftime('%Y-%m-%d %H:%M')}", sections)
+                     f"{cfg.backbone}, weights {weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
     if unreadable:
         raise UsageError(unreadable)
     return runs
