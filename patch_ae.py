@@ -140,8 +140,7 @@ class Config:
     coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]; 1 keeps all")
     image_score: str = flag("max", "image score: 'max' patch score (Sec. 2.6) or PatchCore's 'reweight' (k=9)",
                             choices=("max", "reweight"))
-    knn_memory_mb: int = flag(0, "memory budget of one kNN distance block, MB; 0 = 8 on CPU (a block in cache), "
-                              "256 on CUDA")
+    knn_memory_mb: int = flag(0, "memory budget of one kNN distance block, MB; 0 = 8 on CPU, 256 on CUDA")
     holdout: float = flag(0.1, "fraction of train/good held out to fit the threshold, in [0, 1); 0 = no threshold")
     threshold_quantile: float = flag(0.99, "threshold = this quantile of the held-out normal images' scores, in (0, 1]")
     device: str = flag("auto", "auto = cuda when present", choices=("auto", "cpu", "cuda"))
@@ -887,8 +886,8 @@ def build_memory_bank(features: torch.Tensor, ratio: float, seed: int = 0) -> to
 # kNN scorer (Sec. 2.6): distance of each test patch to its nearest memory-bank feature
 # ----------------------------------------------------------------------------------------------
 def knn_budget_mb(memory_mb: int, device: torch.device) -> int:
-    """0 = automatic: 8 MB on CPU, where a block that stays in cache keeps the distance GEMM at
-    0.99 of torch.mm's speed (0.74 at 256 MB, bench.py); 256 MB on CUDA, for fewer, larger launches."""
+    """0 = automatic: 8 MB on CPU (measured at a batch's queries: never slower than 2 or 4 MB, up to three
+    times faster than 2 MB with another process busy; docs/benchmark.md); 256 MB on CUDA, not yet measured."""
     return memory_mb or (256 if device.type == "cuda" else 8)
 
 
@@ -1196,8 +1195,9 @@ def svg_plot(title: str, xlabel: str, series: list, marks: list = (), width: int
     xs = [x for _, sx, _, _ in series for x in sx] + [float(x) for x, _ in marks]
     ys = [y for _, _, sy, _ in series for y in sy]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    x1, y1 = x1 + (x1 == x0), y1 + (y1 == y0)                  # a single value still spans the axis
-    left, right, top, bottom = 52, width - 10, 24, height - 34  # the plot area
+    pad = 0.05 * (y1 - y0) or 0.5                              # lines off the frame; a single value spans the axis
+    x1, y0, y1 = x1 + (x1 == x0), y0 - pad, y1 + pad
+    left, right, top, bottom = 52, width - 18, 24, height - 34  # the plot area
     X = lambda x: left + (right - left) * (float(x) - x0) / (x1 - x0)  # noqa: E731
     Y = lambda y: bottom - (bottom - top) * (y - y0) / (y1 - y0)  # noqa: E731
     out = [f'<svg width="{width}" height="{height}" font-size="11" font-family="sans-serif">'
