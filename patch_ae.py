@@ -1188,33 +1188,37 @@ def jpeg_uri(pixels: np.ndarray) -> str:
 
 
 def svg_plot(title: str, xlabel: str, series: list, marks: list = (), width: int = 440, height: int = 250) -> str:
-    """A line chart as inline SVG. series: [(name, xs, ys, colour)]; marks: [(x, label)], red vertical lines."""
+    """A line chart as inline SVG: the title and a legend above the plot, ticks at the data's lowest, middle
+    and highest values. series: [(name, xs, ys, colour)]; marks: [(x, label)], red vertical lines named
+    under the x axis."""
     series = [(name, list(map(float, xs)), list(map(float, ys)), colour) for name, xs, ys, colour in series if len(xs)]
     if not series:
         return f"<p>{html.escape(title)}: nothing to draw in this run.</p>"
     xs = [x for _, sx, _, _ in series for x in sx] + [float(x) for x, _ in marks]
     ys = [y for _, _, sy, _ in series for y in sy]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    pad = 0.05 * (y1 - y0) or 0.5                              # lines off the frame; a single value spans the axis
-    x1, y0, y1 = x1 + (x1 == x0), y0 - pad, y1 + pad
-    left, right, top, bottom = 52, width - 18, 24, height - 34  # the plot area
-    X = lambda x: left + (right - left) * (float(x) - x0) / (x1 - x0)  # noqa: E731
-    Y = lambda y: bottom - (bottom - top) * (y - y0) / (y1 - y0)  # noqa: E731
+    pad = 0.05 * (y1 - y0) or 0.5                               # lines off the frame; one value still spans
+    left, right, top, bottom = 52, width - 18, 34, height - 34  # the plot area
+    X = lambda x: left + (right - left) * (float(x) - x0) / ((x1 - x0) or 1)  # noqa: E731
+    Y = lambda y: bottom - (bottom - top) * (y - y0 + pad) / (y1 - y0 + 2 * pad)  # noqa: E731
+    named = [label for _, label in marks if label]
     out = [f'<svg width="{width}" height="{height}" font-size="11" font-family="sans-serif">'
-           f'<text x="{left}" y="14" font-weight="bold">{html.escape(title)}</text><rect x="{left}" y="{top}" '
+           f'<text x="{left}" y="12" font-weight="bold">{html.escape(title)}</text><rect x="{left}" y="{top}" '
            f'width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/><text x="{(left + right) / 2}" '
-           f'y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>']
+           f'y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}'
+           f'{html.escape("; red line: " + ", ".join(named)) if named else ""}</text>']
     for t in (0, 0.5, 1):  # three ticks on each axis
         x, y = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
         out.append(f'<text x="{X(x):.1f}" y="{bottom + 14}" text-anchor="middle">{x:.3g}</text>'
                    f'<text x="{left - 4}" y="{Y(y) + 4:.1f}" text-anchor="end">{y:.3g}</text>')
-    for k, (name, sx, sy, colour) in enumerate(series):
+    legend_x = left
+    for name, sx, sy, colour in series:
         points = " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in zip(sx, sy))
-        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/><text '
-                   f'x="{right - 4}" y="{top + 14 + 13 * k}" text-anchor="end" fill="{colour}">{html.escape(name)}</text>')
-    for x, label in marks:
-        out.append(f'<line x1="{X(x):.1f}" y1="{top}" x2="{X(x):.1f}" y2="{bottom}" stroke="red"/>'
-                   f'<text x="{X(x) + 3:.1f}" y="{bottom - 4}" fill="red">{html.escape(label)}</text>')
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>'
+                   f'<text x="{legend_x}" y="27" fill="{colour}">&#9644; {html.escape(name)}</text>')
+        legend_x += 24 + 7 * len(name)  # about 6 px a character at 11 px, and a gap
+    for x, _ in marks:
+        out.append(f'<line x1="{X(x):.1f}" y1="{top}" x2="{X(x):.1f}" y2="{bottom}" stroke="red"/>')
     return "".join(out) + "</svg>"
 
 
