@@ -1259,6 +1259,8 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
         verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags {int((normal >= thr).sum())} of "
                    f"{len(normal)} normal test images, {missed}; F1 {fmt(result['f1_at_threshold'])}.")
     masks = " | ground-truth mask" if data.masks is not None else " (this test set has no masks)"
+    span = ("the held-out normal images' maps (red: above every held-out pixel)" if model["map_range"] else
+            "this test set's maps (no image was held out: --holdout 0)")
     parts = [f"<h2>{html.escape(result['category'])}, seed {result['seed']}</h2>",
              f"<pre>{html.escape(result_line(result))}</pre><h3>Training</h3>",
              svg_plot("validation: held-out normal images + drawn defects, %", "epoch", validation,
@@ -1268,7 +1270,7 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
              "<h3>Image scores</h3>", roc,
              score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr),
              f"<p>{html.escape(verdict)}</p><p>Each picture: input | heatmap over the input{masks}; heatmap colours "
-             f"span the held-out normal images' maps (red: above every held-out pixel).</p>"]
+             f"span {html.escape(span)}.</p>"]
     order, vrange = np.argsort(-scores, kind="stable"), model["map_range"] or (float(maps.min()), float(maps.max()))
     defects, normals = [i for i in order if labels[i]], [i for i in order if not labels[i]]
 
@@ -1371,7 +1373,7 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     if vrange is None:
         print("note: the model has no heatmap colour range (it was trained with --holdout 0): each heatmap "
               "is coloured from its own lowest to its highest pixel")
-    rows, errors, top = [["path", "score", "is_anomalous", "error"]], {}, []
+    rows, errors, top, all_scores = [["path", "score", "is_anomalous", "error"]], {}, [], []
     progress = Progress("predict", len(paths), "img")
     for start in range(0, len(paths), cfg.batch_size):
         batch, images = paths[start:start + cfg.batch_size], []
@@ -1390,17 +1392,18 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
                 continue
             s, image, amap = next(scored)
             rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), ""])
+            all_scores.append(float(s))
             own = vrange or (float(amap.min()), float(amap.max()))
             save_heatmap(out / "heatmaps" / rel.with_name(rel.name + ".png"), image, amap, own)
             top = sorted(top + [(float(s), str(rel), image, amap, own)], key=lambda t: -t[0])[:cfg.report_images]
     atomic_save(csv_text(rows), out / "predictions.csv")
-    scores = np.array([float(r[1]) for r in rows[1:] if r[1]])
+    scores = np.array(all_scores)
     flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
     print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
     unread = "".join(f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
     section = "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
                        f"{html.escape(flagged)}; every score in predictions.csv.</p>",
-                       score_histogram([("scored", scores, "black")], thr) if len(scores) else "",
+                       score_histogram([("scored", scores, "black")], thr),
                        gallery("Highest-scoring images (input | heatmap over the input)",
                                [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
                                "None: no image could be scored."),
