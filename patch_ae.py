@@ -886,8 +886,8 @@ def build_memory_bank(features: torch.Tensor, ratio: float, seed: int = 0) -> to
 # kNN scorer (Sec. 2.6): distance of each test patch to its nearest memory-bank feature
 # ----------------------------------------------------------------------------------------------
 def knn_budget_mb(memory_mb: int, device: torch.device) -> int:
-    """0 = automatic: 8 MB on CPU (measured at a batch's queries: never slower than 2 or 4 MB, up to three
-    times faster than 2 MB with another process busy; docs/benchmark.md); 256 MB on CUDA, not yet measured."""
+    """0 = automatic: 8 MB on CPU (measured at a batch's queries: level with 4 MB and faster than 2 MB on a
+    quiet host, the fastest with another process busy; docs/benchmark.md); 256 MB on CUDA, not yet measured."""
     return memory_mb or (256 if device.type == "cuda" else 8)
 
 

@@ -225,6 +225,14 @@ def test_scaling_reads_c3_without_building_the_backbone(monkeypatch, capsys):
     assert {r["dims"] for r in result["scaling"]} == {512}     # c3 = (512 + 1024) / 3
 
 
+def test_scaling_images_sets_the_queries_to_that_many_images_patches(capsys):
+    argv = ["--scaling", "--backbone", "resnet18", "--bank-rows", "50", "--coreset-rows", "0", "--warmup", "0",
+            "--repeats", "1", "--crop-size", "32", "--image-size", "32"]
+    one = bench.main(argv)["scaling"]
+    batch = bench.main(argv + ["--scaling-images", "16"])["scaling"]
+    assert {r["queries"] for r in one} == {16} and {r["queries"] for r in batch} == {16 * 16}  # (32 / 8)^2 each
+
+
 def test_dataset_flag_reaches_the_reader(tmp_path, capsys):
     """--dataset is one of patch_ae's flags that bench takes: it must choose the layout bench reads."""
     with pytest.raises(SystemExit):
