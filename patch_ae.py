@@ -21,12 +21,12 @@ VisA and MVTec AD 2 as they unpack: add --dataset visa or --dataset mvtec2. Each
 results.json, results.csv and report.html (curves, ROC, the images scored right and wrong) to --out.
 The paper reports 97.7 image AUROC on screw and 99.48 on average over MVTec AD: the paper's numbers.
 
-Assumptions where the paper is silent (README.md gives the reasons, docs/training.md the measurements):
+Assumptions where the paper is silent (docs/method.md gives the reasons, docs/training.md the measurements):
 - Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation (all datasets).
 - Encoder fusion: layer3 upsampled bilinearly to layer2's grid; 1x1 convs c1+c2 -> c3 -> c3, c3 = (c1+c2)/3.
 - Decoder hidden width c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
-- CutPaste with p = 0.5, then "normal" or "scar" with equal odds (CutPaste-3way style).
-- Loss: per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over the batch; norm()
+- CutPaste with p = 0.5, then "normal" or "scar" with equal odds (CutPaste-3way's two augmentations).
+- Loss: alpha = 0.5; per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over the batch; norm()
   standardises each patch over its 3*8*8 values, prediction and target alike (eps 1e-6).
 - Training (chosen by measurement): Adam, 50 epochs, batch 16, BatchNorm statistics frozen; the new 1x1
   layers at lr 1e-4, layer2/layer3 at 0.1 x that, the stem frozen, cosine decay to 0.
@@ -527,7 +527,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# CutPaste (Li et al. 2021, Sec. 2.1): the augmented image is also the reconstruction target
+# CutPaste (Li et al. 2021, Sec. 2.1); our reading: the augmented image is also the reconstruction target
 # ----------------------------------------------------------------------------------------------
 def cutpaste(img: torch.Tensor, scar: bool, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, H, W) float in [0, 1] -> (augmented image, bool (H, W) mask of the pasted pixels).
