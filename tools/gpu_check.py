@@ -33,7 +33,7 @@ Only some steps again (here within 200 s):
     python tools/gpu_check.py --device cuda --out gpu_check_out --only bench,sweep --budget 200
 Dry run on the CPU, tiny sizes, on any machine (--tiny also puts random resnet18 weights under
 torchvision's file name into a temporary $TORCH_HOME, so that the weights step runs too; its figures
-measure nothing; 258-457 s on this project's 2-core machine shared with other work, 2026-11-29/30):
+measure nothing; 127 s on this project's 2-core machine alone, 258-457 s shared with other work):
     nice -n 10 python tools/gpu_check.py --device cpu --tiny --out /tmp/gpu_check_out
 Sizes and flags live in FULL and TINY below; they use only flags that patch_ae.py and bench.py have.
 """
