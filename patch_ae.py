@@ -69,29 +69,6 @@ BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("mvtec", "visa", "mvtec2")  # --dataset: MVTec AD, VisA, MVTec AD 2, each as it unpacks
-DATASET_URLS = {"mvtec": "https://www.mvtec.com/company/research/datasets/mvtec-ad",
-                "visa": "https://github.com/amazon-science/spot-diff",
-                "mvtec2": "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"}
-MODEL_FORMAT = "patch_ae/1"
-# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per dataset: the
-# source, then one column per method, {category: value, "mean": the mean over all the dataset's categories}.
-PEER_AUROC = {
-    "mvtec": ("the Patch AE paper, Table 1", {
-        "paper Patch AE": {"bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
-                           "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
-                           "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
-                           "mean": 99.48},
-        "paper PatchCore-1": {"bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
-                              "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
-                              "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
-                              "mean": 99.36}}),
-    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', PatchCore row; "
-             "no Patch AE number is published for VisA", {
-        "IM-IAD PatchCore": {"candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
-                             "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
-                             "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
-    "mvtec2": ("none listed here", {}),
-}
 
 
 class UsageError(Exception):
@@ -278,6 +255,9 @@ MVTEC2_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/validation/goo
                "ROOT/<category>/test_public/{good,bad}/*.png, "
                "ROOT/<category>/test_public/ground_truth/bad/<name>_mask.png")
 LAYOUTS = {"mvtec": MVTEC_TREE, "visa": VISA_TREE, "mvtec2": MVTEC2_TREE}
+DATASET_URLS = {"mvtec": "https://www.mvtec.com/company/research/datasets/mvtec-ad",
+                "visa": "https://github.com/amazon-science/spot-diff",
+                "mvtec2": "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"}
 
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
@@ -1040,6 +1020,7 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+MODEL_FORMAT = "patch_ae/1"  # the model file's "format" key: load_model refuses any other
 # What a run records of fit()'s result: results.json takes them all, and the model file keeps them beside the
 # encoder and the bank (a file from an older version may lack some: they read as None).
 RUN_FIELDS = ("threshold", "map_range", "n_train", "n_holdout", "protocol", "selected_epoch", "val_every",
@@ -1112,6 +1093,27 @@ def save_heatmap(path: Path, image: torch.Tensor, amap: torch.Tensor, vrange: tu
 
 def fmt(v, digits: int = 1, scale: float = 100) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v * scale:.{digits}f}"
+
+
+# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per dataset: the
+# source, then one column per method, {category: value, "mean": the mean over all the dataset's categories}.
+PEER_AUROC = {
+    "mvtec": ("the Patch AE paper, Table 1", {
+        "paper Patch AE": {"bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
+                           "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
+                           "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
+                           "mean": 99.48},
+        "paper PatchCore-1": {"bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
+                              "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
+                              "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
+                              "mean": 99.36}}),
+    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', PatchCore row; "
+             "no Patch AE number is published for VisA", {
+        "IM-IAD PatchCore": {"candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
+                             "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
+                             "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
+    "mvtec2": ("none listed here", {}),
+}
 
 
 def published(dataset: str, category: str) -> dict:
