@@ -243,7 +243,7 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: MVTec AD, VisA and MVTec AD 2 as they unpack, and a synthetic category in MVTec AD's layout
+# Data (Sec. 3: MVTec AD): MVTec AD, VisA and MVTec AD 2 as they unpack; a synthetic MVTec-style category
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png, "
               "ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
@@ -645,7 +645,7 @@ class PatchAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss (Eq. 3): alpha * sum_p ||norm(I_hat_p) - norm(I_p)||_2 + (1 - alpha) * sum_p ||I_hat_p - I_p||_2
+# Loss (Sec. 2.5, Eq. 3): alpha * sum_p ||norm(I_hat_p) - norm(I_p)||_2 + (1 - alpha) * sum_p ||I_hat_p - I_p||_2
 # ----------------------------------------------------------------------------------------------
 def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float, stride: int = 8,
                eps: float = 1e-6) -> torch.Tensor:
@@ -661,8 +661,8 @@ def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float, stride: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: end to end on CutPaste-augmented normal images, validated on held-out normal images
-# that get defects training never sees; the encoder of the best validated epoch is kept
+# Training (Sec. 2.5): end to end on CutPaste-augmented normal images. Not in the paper: validated on
+# held-out normal images with defects training never sees; the encoder of the best validated epoch is kept
 # ----------------------------------------------------------------------------------------------
 VAL_BANK_IMAGES, VAL_BANK_ROWS = 64, 16384  # validation bank: random patch rows of some training images
 
@@ -823,7 +823,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Memory bank: PatchCore's greedy coreset on a random projection
+# Memory bank (Sec. 2.6, the "normal representation set"): PatchCore's greedy coreset on a random projection
 # ----------------------------------------------------------------------------------------------
 def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
                    n_starts: int = 10) -> torch.Tensor:
@@ -921,7 +921,7 @@ def image_scores(patch_scores: torch.Tensor, nn_idx: torch.Tensor, queries: torc
 
 
 # ----------------------------------------------------------------------------------------------
-# Anomaly map: patch scores -> bilinear upsampling to the crop -> Gaussian blur, sigma 4
+# Anomaly map (Sec. 2.6; as PatchCore): patch scores -> bilinear upsampling to the crop -> Gaussian blur, sigma 4
 # ----------------------------------------------------------------------------------------------
 def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
     """(N, h, w) -> (N, size, size)."""
@@ -965,7 +965,7 @@ def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, b
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics: image AUROC, pixel AUROC, AUPRO up to 30% FPR (MVTec AD's definition)
+# Metrics (Sec. 3): image AUROC, the paper's; pixel AUROC and AUPRO up to 30% FPR (MVTec AD's definition)
 # ----------------------------------------------------------------------------------------------
 def aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3) -> float:
     """Area under the per-region-overlap curve for FPR in [0, max_fpr], divided by max_fpr.
@@ -1007,7 +1007,7 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: torch.Tensor 
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs: model file, heatmaps, tables
+# Outputs (not in the paper): model file, heatmaps, tables
 # ----------------------------------------------------------------------------------------------
 def atomic_save(obj, path: Path) -> None:
     """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old file."""
@@ -1180,8 +1180,8 @@ def write_results(runs: list[dict], dataset: str, out: Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Report: report.html, one self-contained page per run: inline SVG curves and JPEG images, no
-# script, font or style from the network, so it opens offline and can be mailed as one file
+# Report (not in the paper): report.html, one self-contained page per run: inline SVG curves and JPEG
+# images, no script, font or style from the network, so it opens offline and can be mailed as one file
 # ----------------------------------------------------------------------------------------------
 def jpeg_uri(pixels: np.ndarray) -> str:
     buf = io.BytesIO()
@@ -1297,7 +1297,7 @@ def write_report(path: Path, title: str, sections: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# One run: train, memory bank, threshold, test
+# One run: train (Sec. 2.5), memory bank (Sec. 2.6), threshold (ours, not the paper's), test (Sec. 3)
 # ----------------------------------------------------------------------------------------------
 def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
     """Train Patch AE on train/good minus the held-out images, validating on those; then the memory
