@@ -1074,6 +1074,12 @@ def colorize(x: np.ndarray) -> np.ndarray:
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
+def heat_range(maps: torch.Tensor, fixed: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The heatmap colour range: `fixed` (a model's map_range: the held-out normal images', so red is above
+    every held-out pixel), else the lowest and highest pixel of `maps` themselves."""
+    return fixed or (float(maps.min()), float(maps.max()))
+
+
 def heatmap_panels(image: torch.Tensor, amap: torch.Tensor, vrange: tuple[float, float],
                    mask: torch.Tensor | None = None) -> np.ndarray:
     """(S, S*k, 3) uint8: input | map over input (same colour range for every image) | ground truth if any."""
@@ -1273,7 +1279,7 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
              score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr),
              f"<p>{html.escape(verdict)}</p><p>Each picture: input | heatmap over the input{masks}; heatmap colours "
              f"span {html.escape(span)}.</p>"]
-    order, vrange = np.argsort(-scores, kind="stable"), model["map_range"] or (float(maps.min()), float(maps.max()))
+    order, vrange = np.argsort(-scores, kind="stable"), heat_range(maps, model["map_range"])
     defects, normals = [i for i in order if labels[i]], [i for i in order if not labels[i]]
 
     def entries(indices: list) -> list:
@@ -1335,7 +1341,7 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device) -> dict:
         s, maps = score_images(encoder, bank, held, cfg.batch_size, device, cfg.image_score, cfg.knn_memory_mb,
                                desc="held-out")
         threshold = float(np.quantile(s, cfg.threshold_quantile))
-        map_range = (float(maps.min()), float(maps.max()))  # heatmap colours: red = above any held-out pixel
+        map_range = heat_range(maps)  # heatmap colours from here on: red = above any held-out pixel
         print(f"threshold {threshold:.4f} = {cfg.threshold_quantile:g} quantile of {len(held)} held-out scores")
     return {"encoder": encoder, "bank": bank, "threshold": threshold, "map_range": map_range,
             "n_train": len(train), "n_holdout": len(held), "protocol": protocol, "train_seconds": train_seconds,
@@ -1352,7 +1358,7 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device, out
     thr, both_classes = model["threshold"], len(np.unique(data.labels)) == 2
     f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
     result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1, "ms_per_image": ms}
-    vrange = model["map_range"] or (float(maps.min()), float(maps.max()))
+    vrange = heat_range(maps, model["map_range"])
     for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
         p = data.test_paths[i]
         save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png", data.test[i], maps[i], vrange,
@@ -1371,8 +1377,8 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not paths:
         raise UsageError(f"--predict {folder}: no images ({', '.join(IMAGE_EXTS)}) in it or below it")
-    thr, vrange = model["threshold"], model["map_range"]
-    if vrange is None:
+    thr = model["threshold"]
+    if model["map_range"] is None:
         print("note: the model has no heatmap colour range (it was trained with --holdout 0): each heatmap "
               "is coloured from its own lowest to its highest pixel")
     rows, errors, top, all_scores = [["path", "score", "is_anomalous", "error"]], {}, [], []
@@ -1395,7 +1401,7 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
             s, image, amap = next(scored)
             rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), ""])
             all_scores.append(float(s))
-            own = vrange or (float(amap.min()), float(amap.max()))
+            own = heat_range(amap, model["map_range"])
             save_heatmap(out / "heatmaps" / rel.with_name(rel.name + ".png"), image, amap, own)
             top = sorted(top + [(float(s), str(rel), image, amap, own)], key=lambda t: -t[0])[:cfg.report_images]
     atomic_save(csv_text(rows), out / "predictions.csv")
