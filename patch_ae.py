@@ -1293,6 +1293,20 @@ def report_run(result: dict, model: dict, data: Category, scores: np.ndarray, ma
                                     no_defect)])
 
 
+def report_predictions(folder: Path, scores: np.ndarray, thr: float | None, flagged: str, top: list,
+                       errors: dict) -> str:
+    """--predict: the folder's score distribution, its highest-scoring images (top: [(score, path, image, map,
+    colour range)]) and every file that could not be read with its reason."""
+    unread = "".join(f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
+    return "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
+                    f"{html.escape(flagged)}; every score in predictions.csv.</p>",
+                    score_histogram([("scored", scores, "black")], thr),
+                    gallery("Highest-scoring images (input | heatmap over the input)",
+                            [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
+                            "None: no image could be scored."),
+                    "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
+
+
 def write_report(path: Path, title: str, sections: list[str]) -> None:
     style = ("body{font-family:sans-serif;margin:20px;max-width:1400px}pre{background:#f3f3f3;padding:8px;"
              "overflow-x:auto}figure{display:inline-block;margin:4px;vertical-align:top}figure img{height:160px}"
@@ -1408,14 +1422,7 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
     scores = np.array(all_scores)
     flagged = "no threshold in the model" if thr is None else f"{int((scores >= thr).sum())} above {thr:.4f}"
     print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
-    unread = "".join(f"<p><b>{html.escape(str(rel))}</b>: {html.escape(why)}</p>" for rel, why in errors.items())
-    section = "".join([f"<h2>Predictions for {html.escape(str(folder))}</h2><p>{len(scores)} images scored, "
-                       f"{html.escape(flagged)}; every score in predictions.csv.</p>",
-                       score_histogram([("scored", scores, "black")], thr),
-                       gallery("Highest-scoring images (input | heatmap over the input)",
-                               [(heatmap_panels(im, a, r), f"{rel}: score {s:.4g}") for s, rel, im, a, r in top],
-                               "None: no image could be scored."),
-                       "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
+    section = report_predictions(folder, scores, thr, flagged, top, errors)
     if errors:
         return section, (f"--predict {folder}: {len(errors)} of {len(paths)} files could not be read (the error "
                          f"column of {out / 'predictions.csv'} says why); the other {len(scores)} were scored")
