@@ -1,0 +1,430 @@
+"""report.py: what a run of patch_ae.py shows a person: the printed result line and table, and
+report.html, one self-contained page per run.
+
+It renders what a run gives it (numbers, numpy arrays, strings and a function that draws a test
+image's picture) and imports nothing from patch_ae.py. Inline SVG plots and JPEG pictures, no
+script, font or style from the network: the page opens offline and can be mailed as one file.
+patch_ae.py also takes its heatmap colours from here (panels), for the PNGs it writes.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from sklearn.metrics import roc_curve
+
+# A jet-like colour map, blue (low) to red (high), its anchors evenly spaced over [0, 1]
+JET = np.array([[0, 0, .5], [0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0], [.5, 0, 0]])
+STYLE = """
+body{font-family:sans-serif;max-width:1400px;margin:0 auto;padding:8px 16px;line-height:1.4}
+h2{border-top:2px solid #ddd;padding-top:12px}
+table{border-collapse:collapse;margin:6px 0}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}
+th:first-child,td:first-child{text-align:left}
+.scroll{overflow-x:auto}
+.plots{display:flex;flex-wrap:wrap;gap:8px 24px}
+.plots svg{width:100%;max-width:640px;height:auto}
+svg.bar{width:100%;max-width:640px;height:auto}
+figure{display:inline-block;margin:6px 8px 6px 0;vertical-align:top;max-width:100%}
+figure img{max-width:100%;height:auto}
+figcaption{font-size:13px}
+.note{color:#555}
+"""
+
+
+def esc(text) -> str:
+    return html.escape(str(text))
+
+
+def fmt(v, digits: int = 1, scale: float = 100) -> str:
+    """A metric in [0, 1] as a percentage with `digits` decimals (scale 1: as it is); None and
+    NaN as 'n/a'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v * scale:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The printed result line and table (results.csv keeps the table's numbers)
+# ------------------------------------------------------------------------------------------------
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+METRIC_NAMES = ("image AUROC", "pixel AUROC", "pixel AUPRO@30%")
+
+
+def change(trained, untrained) -> str:
+    """What training changed, in points: '+1.2', or 'n/a'."""
+    return "n/a" if trained is None or untrained is None else f"{(trained - untrained) * 100:+.1f}"
+
+
+def kept_label(epoch: int | None) -> str:
+    """Which encoder a run's numbers come from, in words: epoch 0 is the untrained encoder."""
+    if epoch == 0:
+        return "untrained encoder kept (epoch 0)"
+    return "Patch AE" if epoch is None else f"Patch AE, epoch {epoch}"
+
+
+def result_line(r: dict) -> str:
+    """One run's metrics, named by the encoder they come from; below them the untrained
+    encoder's, and what training changed."""
+    text = (f"{r['category']} seed {r['seed']}, {kept_label(r['selected_epoch'])}: image AUROC "
+            f"{fmt(r['image_auroc'])}, pixel AUROC {fmt(r['pixel_auroc'])}, pixel AUPRO@30% "
+            f"{fmt(r['pixel_aupro'])}")
+    if r["threshold"] is not None:
+        text += f", F1 at threshold {fmt(r['f1_at_threshold'])}"
+    text += f", {r['ms_per_image']:.1f} ms/image"
+    u = r["untrained"]
+    if u is not None and r["selected_epoch"] != 0:
+        text += (f"\n  untrained encoder (epoch 0, same bank construction and test images): "
+                 f"{' / '.join(fmt(u[m]) for m in METRICS)}; training changed them by "
+                 f"{' / '.join(change(r[m], u[m]) for m in METRICS)} points")
+    return text
+
+
+def table_cells(rows: list[dict], peers: list, source: str) -> tuple[list, list, list]:
+    """The summary rows (one per category, mean +- std over seeds) as a table: (header, one list
+    of cells per row, notes below it). Each metric cell: ours, then the untrained encoder's and
+    the change in brackets. peers: the published columns; source: where they come from."""
+    def metric(row, m):
+        std = row.get(m + "_std")
+        text = fmt(row[m]) + ("" if std is None else f" +- {fmt(std)}")
+        untrained = row.get("untrained_" + m)
+        if untrained is None:
+            return text
+        return f"{text} ({fmt(untrained)}, {change(row[m], untrained)})"
+
+    def epochs(row):
+        return ", ".join("0: untrained encoder kept" if e == "0" else e
+                         for e in row["selected_epochs"].split())
+    header = ["category", "kept epoch", *METRIC_NAMES, "train s", "ms/img", *peers]
+    cells = [[r["category"], epochs(r), *(metric(r, m) for m in METRICS),
+              fmt(r["train_seconds"], 0, 1), fmt(r["ms_per_image"], 1, 1),
+              *("n/a" if r[name] is None else str(r[name]) for name in peers)] for r in rows]
+    notes = []
+    if any(r.get("untrained_" + m) is not None for r in rows for m in METRICS):
+        notes.append("in brackets: the untrained encoder (epoch 0) through the same bank "
+                     "construction and test images, and the change that training made, in points")
+    if any(r[name] is not None for r in rows for name in peers):
+        notes.append(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
+    return header, cells, notes + [f"protocol: {rows[-1]['protocol']}"]
+
+
+def table_text(header: list, cells: list, notes: list) -> str:
+    """table_cells() as the markdown table that a run prints, its notes below."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines + notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Heatmaps: the colour rule, shared with the PNGs patch_ae.py writes
+# ------------------------------------------------------------------------------------------------
+def colorize(x: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> (H, W, 3) uint8 on the JET colour map."""
+    pos = np.clip(x, 0, 1) * (len(JET) - 1)
+    rgb = [np.interp(pos, np.arange(len(JET)), JET[:, c]) for c in range(3)]
+    return (np.stack(rgb, -1) * 255).astype(np.uint8)
+
+
+def heat_position(amap: np.ndarray, scale: dict) -> np.ndarray:
+    """Map values -> positions on the colour map: scale['low'] at 0, scale['mid'] at the middle
+    (0.5), twice as far from 'low' at 1 (red); clipped outside."""
+    return (amap - scale["low"]) / max(2 * (scale["mid"] - scale["low"]), 1e-12)
+
+
+def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale: dict,
+           mask: np.ndarray | None = None) -> np.ndarray:
+    """(S, S*k, 3) uint8: input | reconstruction (if given) | heatmap over the input | mask (if
+    given). image, recon: (S, S, 3) uint8; amap: (S, S) float; mask: (S, S) bool."""
+    heat = colorize(heat_position(amap, scale))
+    row = [image] + ([] if recon is None else [recon])
+    row.append((0.5 * image + 0.5 * heat).astype(np.uint8))
+    if mask is not None:
+        row.append(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2))
+    return np.concatenate(row, axis=1)
+
+
+def colour_bar(scale: dict, mid_name: str) -> str:
+    """The heatmaps' colour bar as inline SVG, the value at each end and at the middle marked."""
+    low, mid = scale["low"], scale["mid"]
+    stops = "".join(f'<stop offset="{k / (len(JET) - 1):.2f}" stop-color="rgb'
+                    f'{tuple(int(255 * c) for c in rgb)}"/>' for k, rgb in enumerate(JET))
+    ticks = [(20, low, "start"), (320, mid, "middle"), (620, 2 * mid - low, "end")]
+    labels = "".join(f'<text x="{x}" y="46" text-anchor="{anchor}">{v:.4g}</text>'
+                     for x, v, anchor in ticks)
+    return (f'<svg class="bar" viewBox="0 0 640 70" font-size="12" font-family="sans-serif">'
+            f'<defs><linearGradient id="jet">{stops}</linearGradient></defs>'
+            f'<rect x="20" y="8" width="600" height="22" fill="url(#jet)"/>'
+            f'<line x1="320" y1="4" x2="320" y2="34" stroke="black" stroke-width="2"/>{labels}'
+            f'<text x="320" y="64" text-anchor="middle">{esc(mid_name)}</text></svg>')
+
+
+def jpeg_uri(pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots: inline SVG line charts
+# ------------------------------------------------------------------------------------------------
+def nice_ticks(lo: float, hi: float, integer: bool = False, n: int = 5) -> list[float]:
+    """About n round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]."""
+    raw = (hi - lo) / max(n - 1, 1) or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
+                if m * 10 ** math.floor(math.log10(raw)) >= raw), default=raw)
+    step = max(1.0, round(step)) if integer else step
+    first = math.ceil(lo / step - 1e-9) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def tick_text(v: float, step: float) -> str:
+    """A tick label in plain digits, as many decimals as the step needs (never 3.3e+03)."""
+    return f"{v:.{max(0, -math.floor(math.log10(step))) if step < 1 else 0}f}"
+
+
+def svg_plot(title: str, xlabel: str, series: list, marks: list = (),
+             integer_x: bool = False, width: int = 640, height: int = 280) -> str:
+    """A line chart: title and legend above, round ticks, plain numbers. series: [(name, xs,
+    ys, colour)]; marks: [(x, label)], dashed red vertical lines labelled inside the plot, the
+    x range padded so that a mark on its first value stays clear of the axis."""
+    series = [(name, [float(x) for x in xs], [float(y) for y in ys], colour)
+              for name, xs, ys, colour in series if len(xs)]
+    if not series:
+        return f"<p>{esc(title)}: nothing to draw in this run.</p>"
+    xs = [x for _, sx, _, _ in series for x in sx] + [float(x) for x, _ in marks]
+    ys = [y for _, _, sy, _ in series for y in sy]
+    x_pad = 0.04 * (max(xs) - min(xs)) or 0.5
+    y_pad = 0.06 * (max(ys) - min(ys)) or 0.5
+    x0, x1, y0, y1 = min(xs) - x_pad, max(xs) + x_pad, min(ys) - y_pad, max(ys) + y_pad
+    left, right, top, bottom = 64, width - 16, 44, height - 40            # the plot area
+
+    def px(x: float) -> float:
+        return left + (right - left) * (x - x0) / (x1 - x0)
+
+    def py(y: float) -> float:
+        return bottom - (bottom - top) * (y - y0) / (y1 - y0)
+    out = [f'<svg viewBox="0 0 {width} {height}" font-size="12" font-family="sans-serif">'
+           f'<text x="{left}" y="14" font-weight="bold">{esc(title)}</text>'
+           f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" '
+           f'fill="none" stroke="#999"/><text x="{(left + right) / 2}" y="{height - 6}" '
+           f'text-anchor="middle">{esc(xlabel)}</text>']
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs), integer_x), nice_ticks(min(ys), max(ys))
+    for ticks, axis in ((x_ticks, "x"), (y_ticks, "y")):
+        step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+        for t in ticks:
+            if axis == "x":
+                out.append(f'<text x="{px(t):.1f}" y="{bottom + 16}" text-anchor="middle">'
+                           f'{tick_text(t, step)}</text>')
+            else:
+                out.append(f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">'
+                           f'{tick_text(t, step)}</text>')
+    legend_x = left
+    for name, sx, sy, colour in series:
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(sx, sy))
+        out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>'
+                   f'<text x="{legend_x}" y="32" fill="{colour}">&#9644; {esc(name)}</text>')
+        legend_x += 30 + 7 * len(name)  # about 6.5 px a character at 12 px, and a gap
+    for x, label in marks:
+        out.append(f'<line x1="{px(x):.1f}" y1="{top}" x2="{px(x):.1f}" y2="{bottom}" '
+                   f'stroke="red" stroke-width="2" stroke-dasharray="5 3"/>')
+        if label:
+            anchor = "start" if px(x) < (left + right) / 2 else "end"
+            shift = 4 if anchor == "start" else -4
+            out.append(f'<text x="{px(x) + shift:.1f}" y="{top + 14}" fill="red" '
+                       f'text-anchor="{anchor}">{esc(label)}</text>')
+    return "".join(out) + "</svg>"
+
+
+def score_histogram(groups: list, threshold: float | None) -> str:
+    """groups: [(name, scores, colour)] -> a step line per non-empty group on shared bins, the
+    threshold marked."""
+    groups = [(name, s, colour) for name, s, colour in groups if len(s)]
+    values = np.concatenate([s for _, s, _ in groups]) if groups else np.zeros(1)
+    edges = np.histogram_bin_edges(values, bins=24)
+    series = [(f"{name} ({len(s)})", np.repeat(edges, 2)[1:-1],
+               np.repeat(np.histogram(s, edges)[0], 2), colour) for name, s, colour in groups]
+    marks = [] if threshold is None else [(threshold, "threshold")]
+    return svg_plot("image scores: number of images", "image score", series, marks)
+
+
+def html_table(header: list, rows: list, notes: list = ()) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    foot = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>{foot}'
+
+
+# ------------------------------------------------------------------------------------------------
+# Galleries
+# ------------------------------------------------------------------------------------------------
+def gallery(title: str, entries: list, empty: str) -> str:
+    """entries: [(pixels (H, W, 3) uint8, caption)]; `empty` says why there are none."""
+    figures = "".join(f'<figure><img src="{jpeg_uri(pixels)}" alt="{esc(caption)}">'
+                      f'<figcaption>{esc(caption)}</figcaption></figure>'
+                      for pixels, caption in entries)
+    return f"<h3>{esc(title)}</h3>" + (figures or f"<p>{esc(empty)}</p>")
+
+
+def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, names: list,
+              picture: Callable[[int], np.ndarray], n: int) -> str:
+    """Three galleries whose headings say what they hold: the defects that scored highest; the
+    false alarms (normal images at or above the threshold) and the misses (defects below it),
+    or, where there are none or no threshold, the highest-scoring normal and the lowest-scoring
+    defective images under headings that say so."""
+    order = np.argsort(-scores, kind="stable")
+    defects = [i for i in order if labels[i]]
+    normals = [i for i in order if not labels[i]]
+
+    def entries(indices):
+        return [(picture(i), f"{names[i]}: {'defect' if labels[i] else 'normal'}, score "
+                 f"{scores[i]:.4g}") for i in indices[:n]]
+    no_defect = "None: the test set has no defective image."
+    no_normal = "None: the test set has no normal image."
+    parts = [gallery("Defective images that scored highest", entries(defects), no_defect)]
+    if threshold is None:
+        parts.append(gallery("Highest-scoring normal images (no threshold, so no false alarms "
+                             "to name)", entries(normals), no_normal))
+        parts.append(gallery("Lowest-scoring defective images (no threshold, so no misses to "
+                             "name)", entries(defects[::-1]), no_defect))
+        return "".join(parts)
+    alarms = [i for i in normals if scores[i] >= threshold]
+    misses = [i for i in defects[::-1] if scores[i] < threshold]
+    if alarms:
+        parts.append(gallery(f"False alarms: normal images at or above the threshold "
+                             f"({len(alarms)})", entries(alarms), no_normal))
+    else:
+        parts.append(gallery("Highest-scoring normal images: none at or above the threshold",
+                             entries(normals), no_normal))
+    if misses:
+        parts.append(gallery(f"Misses: defective images below the threshold ({len(misses)})",
+                             entries(misses), no_defect))
+    else:
+        parts.append(gallery("Lowest-scoring defective images: none below the threshold",
+                             entries(defects[::-1]), no_defect))
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections
+# ------------------------------------------------------------------------------------------------
+def training_sentence(selected_epoch: int | None, comparison: list) -> str:
+    """One sentence on what training changed, or why the numbers are the untrained encoder's.
+    comparison: [(metric name, untrained value, kept value)]."""
+    if selected_epoch == 0:
+        return ("The untrained encoder was kept (epoch 0: no training, or no trained epoch beat "
+                "it on validation), so every number here is the untrained encoder's.")
+    rows = [(name, u, t) for name, u, t in comparison if u is not None and t is not None]
+    if not rows:
+        return "The untrained encoder is scored only in runs that train (this model was loaded)."
+    changes = [f"{name} by {100 * (t - u):+.1f} points ({fmt(u)} to {fmt(t)})"
+               for name, u, t in rows]
+    return "Training changed " + ", ".join(changes) + "."
+
+
+def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
+                untrained_scores: np.ndarray | None, names: list, scale: dict,
+                picture: Callable[[int], np.ndarray], n: int, masks: bool,
+                reconstruction: bool) -> str:
+    """One category and seed. r: the run's record (results.json's); labels, scores: the test
+    images'; untrained_scores: the untrained encoder's; scale: the heatmap colours {low, mid,
+    source}; picture(i): test image i's panels; n: pictures per gallery; masks, reconstruction:
+    whether the pictures have those panels."""
+    thr, sel, kept = r["threshold"], r["selected_epoch"], kept_label(r["selected_epoch"])
+    curve, losses = r["validation_curve"] or [], r["loss_by_epoch"] or []
+    untrained = r["untrained"] or {}
+    comparison = [(name, untrained.get(m), r[m]) for name, m in zip(METRIC_NAMES, METRICS)]
+    summary = "<br>".join(esc(line) for line in result_line(r).splitlines())
+    table = html_table(["metric", "untrained encoder (epoch 0)", kept, "change"],
+                       [[name, fmt(u), fmt(t), change(t, u)] for name, u, t in comparison])
+    validation = [(name, [r["epoch"] for r in curve if r[key] is not None],
+                   [100 * r[key] for r in curve if r[key] is not None], colour)
+                  for name, key, colour in (("image AUROC", "image_auroc", "blue"),
+                                            ("pixel AUROC", "pixel_auroc", "green"),
+                                            ("AUPRO@30%", "pixel_aupro", "darkorange"))]
+    mark = [] if sel is None else [(sel, f"selected: epoch {sel}")]
+    plots = [svg_plot("validation: held-out normal images + drawn defects, %", "epoch",
+                      validation, mark, integer_x=True) if curve else
+             "<p>No validation curve: no image was held out (--holdout 0, the paper's "
+             "protocol).</p>",
+             svg_plot("training loss (Eq. 3), mean per image", "epoch",
+                      [("loss", range(1, len(losses) + 1), losses, "dimgray")], mark,
+                      integer_x=True)]
+    normal, defect = scores[labels == 0], scores[labels == 1]
+    histogram = score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr)
+    roc = "<p>ROC: not defined, the test set holds one class only.</p>"
+    if len(normal) and len(defect):
+        curves = [(kept, scores, "blue")]
+        if untrained_scores is not None and sel != 0:
+            curves.append(("untrained encoder", untrained_scores, "darkorange"))
+        series = [(name, *roc_curve(labels, s)[:2], colour) for name, s, colour in curves]
+        roc = svg_plot("ROC of the image scores", "false positive rate",
+                       series + [("chance", [0, 1], [0, 1], "#bbb")])
+    verdict = ("No threshold: no normal image was held out to fit one (the paper's protocol; "
+               "--holdout 0.1 gives one).")
+    if thr is not None:
+        missed = (f"misses {int((defect < thr).sum())} of {len(defect)} defective images"
+                  if len(defect) else "no defective test image to miss")
+        verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags "
+                   f"{int((normal >= thr).sum())} of {len(normal)} normal test images, {missed}; "
+                   f"F1 {fmt(r['f1_at_threshold'])}.")
+    recon = " | reconstruction (the decoder's output for that image)" if reconstruction else ""
+    mask = " | ground-truth mask" if masks else " (this test set has no masks)"
+    guide = (f"Each picture: input{recon} | heatmap over the input{mask}. "
+             + ("Where the reconstruction also rebuilds the defect, the features describe it, "
+                "which is the paper's idea; " if reconstruction else "")
+             + "the heat is each patch's distance to its nearest normal feature.")
+    mid_name = f"middle: what the normal images reach, from {scale['source']}"
+    return "".join([
+        f"<h2>{esc(r['category'])}, seed {esc(r['seed'])}</h2><p>{summary}</p>",
+        "<h3>What training changed</h3>", table,
+        f"<p>{esc(training_sentence(sel, comparison))}</p>",
+        "<h3>Training</h3>", f'<div class="plots">{"".join(plots)}</div>',
+        "<h3>Image scores</h3>",
+        f'<div class="plots">{roc}{histogram}</div>',
+        f"<p>{esc(verdict)}</p>",
+        f"<h3>Pictures</h3><p>{esc(guide)}</p>", colour_bar(scale, mid_name),
+        galleries(labels, scores, thr, names, picture, n)])
+
+
+def predictions_section(folder: str, scores: np.ndarray, thr: float | None, flagged: str,
+                        pictures: list, errors: dict, scale: dict | None,
+                        reconstruction: bool) -> str:
+    """--predict: the folder's score distribution, its highest-scoring images (pictures:
+    [(pixels, caption)]) and every file that could not be read, with its reason."""
+    unread = "".join(f"<p><b>{esc(path)}</b>: {esc(why)}</p>" for path, why in errors.items())
+    recon = " | reconstruction" if reconstruction else " (the model file has no decoder)"
+    colours = (colour_bar(scale, f"middle: what the normal images reach, from {scale['source']}")
+               if scale else "<p>Each heatmap is coloured from its own lowest to its highest "
+               "pixel: the model has no held-out normal images to anchor the colours.</p>")
+    return "".join([
+        f"<h2>Predictions for {esc(folder)}</h2><p>{len(scores)} images scored, {esc(flagged)}; "
+        f"every score in predictions.csv.</p>",
+        f'<div class="plots">{score_histogram([("scored", scores, "black")], thr)}</div>',
+        f"<p>Each picture: input{recon} | heatmap over the input.</p>", colours,
+        gallery("Highest-scoring images", pictures, "None: no image could be scored."),
+        "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
+
+
+def table_section(header: list, rows: list, notes: list) -> str:
+    """The run's results table (patch_ae.table_cells) as an HTML table."""
+    return "<h2>Results</h2>" + html_table(header, rows, notes)
+
+
+def write_report(path: Path, title: str, sections: list[str]) -> None:
+    """The page, written beside `path` and renamed into place: an interrupted run leaves the old."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+            f"content='width=device-width, initial-scale=1'><title>{esc(title)}</title><style>"
+            f"{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(sections)}</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(page)
+    os.replace(tmp, path)
+    print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MB)", flush=True)
