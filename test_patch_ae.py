@@ -72,7 +72,8 @@ def test_synthetic_category_layout_and_determinism(synthetic_root, tmp_path):
         images = sorted(p.stem for p in (base / "test" / kind).glob("*.png"))
         masks = sorted(p.stem[:-5] for p in (base / "ground_truth" / kind).glob("*_mask.png"))
         assert images == masks and len(images) == 8
-        assert all(np.asarray(Image.open(p)).any() for p in (base / "ground_truth" / kind).glob("*.png"))
+        assert all(np.asarray(Image.open(p)).any()
+                   for p in (base / "ground_truth" / kind).glob("*.png"))
     again = pa.make_synthetic_category(tmp_path)
     for rel in ("train/good/000.png", "test/blob/003.png", "ground_truth/stain/002_mask.png"):
         assert (again / rel).read_bytes() == (base / rel).read_bytes()
@@ -115,19 +116,21 @@ def test_category_without_ground_truth_gives_image_metrics_only(data_root, tmp_p
     data = pa.load_category(data_root, "synthetic", 64, 64)
     assert data.masks is None
     result = run_main(TINY, tmp_path, data_root)
-    assert result["image_auroc"] is not None and result["pixel_auroc"] is None and result["pixel_aupro"] is None
+    assert result["image_auroc"] is not None
+    assert result["pixel_auroc"] is None and result["pixel_aupro"] is None
     report = (tmp_path / "out" / "report.html").read_text()
     assert "(this test set has no masks)" in report and report.count("<img ") == 36  # 3 galleries
 
 
-# ---------------------------------------------------------------- other layouts: VisA and MVTec AD 2
+# ---------------------------------------------------------------- other layouts: VisA, MVTec AD 2
 def save_image(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
 
 
 def band(k: int, height: int, width: int, value: int = 255, left: int = 0) -> np.ndarray:
-    """A (height, width) uint8 mask that marks the 8 columns from left + 8k: each test mask its own band."""
+    """A (height, width) uint8 mask that marks the 8 columns from left + 8k: each test mask its
+    own band."""
     mask = np.zeros((height, width), np.uint8)
     mask[:, left + 8 * k:left + 8 * k + 8] = value
     return mask
@@ -141,9 +144,10 @@ def textured(seed: int, height: int, width: int, mask: np.ndarray | None = None)
 
 
 def write_visa(root: Path, objects=("candle",)) -> Path:
-    """A tiny VisA tree: per object 4 train and 2 test normal images, 2 anomalies (JPG, 48 wide x 32 high,
-    as VisA's are wider than high), masks of value 1 (not 255). The anomalies are listed as 010 then 002,
-    neither sorted nor in the order of the mask files, so only the CSV row can pair image and mask."""
+    """A tiny VisA tree: per object 4 train and 2 test normal images, 2 anomalies (JPG, 48 wide x
+    32 high, as VisA's are wider than high), masks of value 1 (not 255). The anomalies are listed
+    as 010 then 002, neither sorted nor in the order of the mask files, so only the CSV row can
+    pair image and mask."""
     rows = ["object,split,label,image,mask"]
     for obj in objects:
         images, masks = f"{obj}/Data/Images", f"{obj}/Data/Masks/Anomaly"
@@ -151,7 +155,8 @@ def write_visa(root: Path, objects=("candle",)) -> Path:
             save_image(root / images / "Normal" / f"{i:04d}.JPG", textured(i, 32, 48))
             rows.append(f"{obj},{'train' if i < 4 else 'test'},normal,{images}/Normal/{i:04d}.JPG,")
         for k, name in enumerate(("010", "002")):
-            mask = band(k, 32, 48, value=1, left=12)  # columns 12+8k.. of 48: inside the centre crop
+            # columns 12+8k.. of 48: inside the centre crop
+            mask = band(k, 32, 48, value=1, left=12)
             save_image(root / images / "Anomaly" / f"{name}.JPG", textured(10 + k, 32, 48, mask))
             save_image(root / masks / f"{name}.png", mask)
             rows.append(f"{obj},test,anomaly,{images}/Anomaly/{name}.JPG,{masks}/{name}.png")
@@ -161,11 +166,12 @@ def write_visa(root: Path, objects=("candle",)) -> Path:
 
 
 def write_mvtec2(root: Path, category: str = "can") -> Path:
-    """A tiny MVTec AD 2 category: 4 train, 2 validation, 2 good and 3 bad public test images (32 px) whose
-    sorted names (img1, img10, img2) differ from their masks' (img10_mask, img1_mask, img2_mask), and an
-    unlabelled test_private folder."""
+    """A tiny MVTec AD 2 category: 4 train, 2 validation, 2 good and 3 bad public test images
+    (32 px) whose sorted names (img1, img10, img2) differ from their masks' (img10_mask,
+    img1_mask, img2_mask), and an unlabelled test_private folder."""
     base = root / category
-    for folder, n in (("train/good", 4), ("validation/good", 2), ("test_public/good", 2), ("test_private", 1)):
+    for folder, n in (("train/good", 4), ("validation/good", 2), ("test_public/good", 2),
+                      ("test_private", 1)):
         for i in range(n):
             save_image(base / folder / f"{i:03d}.png", textured(i, 32, 32))
     for k, name in enumerate(("img1", "img10", "img2")):
@@ -183,14 +189,18 @@ def test_visa_is_read_as_its_csv_says(tmp_path):
     root = write_visa(tmp_path)
     assert pa.find_categories(root, "visa") == ["candle"]
     data = pa.load_category(root, "candle", 32, 32, "visa")
-    assert data.train.shape == (4, 3, 32, 32) and data.train.dtype == torch.uint8 and data.validation is None
+    assert data.train.shape == (4, 3, 32, 32) and data.train.dtype == torch.uint8
+    assert data.validation is None
     names = [f"{p.parent.name}/{p.stem}" for p in data.test_paths]
     assert names == ["Normal/0004", "Normal/0005", "Anomaly/010", "Anomaly/002"]  # the CSV's order
     assert data.labels.tolist() == [0, 0, 1, 1]
     assert not data.masks[:2].any()
-    for k in (0, 1):  # resized 48x32 -> 48x32, centre crop drops 8 columns each side: band k at 4+8k
-        assert data.masks[2 + k][:, 4 + 8 * k:12 + 8 * k].all() and data.masks[2 + k].sum() == 32 * 8  # value 1
-    edge = tmp_path / "edge.png"  # a defect at the left edge of a wide image falls outside the centre crop
+    # resized 48x32 -> 48x32, centre crop drops 8 columns each side: band k at 4+8k
+    for k in (0, 1):
+        assert data.masks[2 + k][:, 4 + 8 * k:12 + 8 * k].all()
+        assert data.masks[2 + k].sum() == 32 * 8  # value 1
+    # a defect at the left edge of a wide image falls outside the centre crop
+    edge = tmp_path / "edge.png"
     save_image(edge, band(0, 32, 48))
     assert not pa.read_image(edge, 32, 32, mask=True).any()
 
@@ -201,8 +211,8 @@ def test_mvtec2_is_read_with_its_validation_set_and_masks_by_name(tmp_path):
     data = pa.load_category(root, "can", 32, 32, "mvtec2")
     assert data.train.shape == (4, 3, 32, 32) and data.validation.shape == (2, 3, 32, 32)
     assert data.validation.dtype == torch.uint8
-    assert [f"{p.parent.name}/{p.stem}" for p in data.test_paths] == ["bad/img1", "bad/img10", "bad/img2",
-                                                                        "good/000", "good/001"]
+    assert [f"{p.parent.name}/{p.stem}" for p in data.test_paths] == [
+        "bad/img1", "bad/img10", "bad/img2", "good/000", "good/001"]
     assert data.labels.tolist() == [1, 1, 1, 0, 0] and not data.masks[3:].any()
     for k, path in enumerate(data.test_paths[:3]):
         b = {"img1": 0, "img10": 1, "img2": 2}[path.stem]
@@ -210,11 +220,14 @@ def test_mvtec2_is_read_with_its_validation_set_and_masks_by_name(tmp_path):
 
 
 VISA_BREAKS = {  # what breaks the tiny VisA tree -> what the one-line error must say
-    "no csv": (lambda r: (r / pa.VISA_CSV).unlink(), ["split_csv/1cls.csv: not found", "Data/Images"]),
+    "no csv": (lambda r: (r / pa.VISA_CSV).unlink(),
+               ["split_csv/1cls.csv: not found", "Data/Images"]),
     "no mask column": (lambda r: edit(r / pa.VISA_CSV, "image,mask\n", "image\n"),
-                       ["1cls.csv: no column mask in its header row", "object,split,label,image,mask"]),
+                       ["1cls.csv: no column mask in its header row",
+                        "object,split,label,image,mask"]),
     "image gone": (lambda r: (r / "candle/Data/Images/Anomaly/002.JPG").unlink(),
-                   ["1cls.csv, line 9: image", "002.JPG not found", "Data/Images/{Normal,Anomaly}"]),
+                   ["1cls.csv, line 9: image", "002.JPG not found",
+                    "Data/Images/{Normal,Anomaly}"]),
     "mask gone": (lambda r: (r / "candle/Data/Masks/Anomaly/010.png").unlink(),
                   ["1cls.csv, line 8: mask", "010.png not found", "Data/Masks/Anomaly"]),
     "no mask": (lambda r: edit(r / pa.VISA_CSV, ",candle/Data/Masks/Anomaly/002.png", ","),
@@ -222,7 +235,8 @@ VISA_BREAKS = {  # what breaks the tiny VisA tree -> what the one-line error mus
     "bad label": (lambda r: edit(r / pa.VISA_CSV, "test,anomaly,candle/Data/Images/Anomaly/010",
                                  "test,defect,candle/Data/Images/Anomaly/010"),
                   ["1cls.csv, line 8: split 'test', label 'defect'", "normal|anomaly"]),
-    "anomaly in train": (lambda r: edit(r / pa.VISA_CSV, "test,anomaly,candle/Data/Images/Anomaly/010",
+    "anomaly in train": (lambda r: edit(r / pa.VISA_CSV,
+                                        "test,anomaly,candle/Data/Images/Anomaly/010",
                                         "train,anomaly,candle/Data/Images/Anomaly/010"),
                          ["1cls.csv, line 8: an anomaly row in the train split"]),
 }
@@ -239,42 +253,48 @@ MVTEC2_BREAKS = {
                       ["validation/good: no images", "ROOT/<category>/validation/good/*.png"]),
     "mask without image": (lambda r: (r / "can/test_public/bad/img2.png").unlink(),
                            ["img2_mask.png: mask with no test image", "test_public/bad/img2"]),
-    "image without mask": (lambda r: (r / "can/test_public/ground_truth/bad/img10_mask.png").unlink(),
+    "image without mask": (lambda r: (r / "can/test_public/ground_truth/bad/"
+                                          "img10_mask.png").unlink(),
                            ["test_public/bad/img10: defect image with no mask"]),
 }
 
 
-@pytest.mark.parametrize("dataset,what", [("visa", w) for w in VISA_BREAKS] + [("mvtec2", w) for w in MVTEC2_BREAKS])
+@pytest.mark.parametrize("dataset,what", [("visa", w) for w in VISA_BREAKS]
+                         + [("mvtec2", w) for w in MVTEC2_BREAKS])
 def test_broken_layouts(capsys, tmp_path, dataset, what):
     write, category, broken = {"visa": (write_visa, "candle", VISA_BREAKS),
                                "mvtec2": (write_mvtec2, "can", MVTEC2_BREAKS)}[dataset]
     root = write(tmp_path)
     breaks, fragments = broken[what]
     breaks(root)
-    expect_error(capsys, ["--dataset", dataset, "--data-root", str(root), "--category", category, *SMALL], *fragments)
+    expect_error(capsys, ["--dataset", dataset, "--data-root", str(root), "--category", category,
+                          *SMALL], *fragments)
 
 
 def test_dataset_errors_name_the_layout_they_expected(capsys, tmp_path):
     visa, mvtec2 = write_visa(tmp_path / "visa"), write_mvtec2(tmp_path / "mvtec2")
-    expect_error(capsys, ["--dataset", "visa", "--data-root", str(visa), "--category", "candel", *SMALL],
-                 "--category candel", "found: candle", "split_csv/1cls.csv")
-    expect_error(capsys, ["--dataset", "mvtec2", "--data-root", str(mvtec2), "--category", "cna", *SMALL],
-                 "--category cna", "found: can", "test_public")
-    expect_error(capsys, ["--data-root", str(mvtec2), "--category", "can", *SMALL],  # MVTec AD 2 read as MVTec AD
+    expect_error(capsys, ["--dataset", "visa", "--data-root", str(visa), "--category", "candel",
+                          *SMALL], "--category candel", "found: candle", "split_csv/1cls.csv")
+    expect_error(capsys, ["--dataset", "mvtec2", "--data-root", str(mvtec2), "--category", "cna",
+                          *SMALL], "--category cna", "found: can", "test_public")
+    # MVTec AD 2 read as MVTec AD
+    expect_error(capsys, ["--data-root", str(mvtec2), "--category", "can", *SMALL],
                  "can/test: no images", "ROOT/<category>/test/<good|defect_type>")
     expect_error(capsys, ["--dataset", "visa", "--data-root", str(tmp_path / "nope"), *SMALL],
                  "folder not found", pa.DATASET_URLS["visa"])
-    expect_error(capsys, ["--synthetic", "--dataset", "visa", *SMALL], "--synthetic", "drop --dataset visa")
+    expect_error(capsys, ["--synthetic", "--dataset", "visa", *SMALL], "--synthetic",
+                 "drop --dataset visa")
 
 
 def test_all_visa_categories_end_to_end_beside_im_iad(tmp_path, capsys):
     root = write_visa(tmp_path / "visa", ("candle", "pcb1"))
     out = tmp_path / "out"
-    pa.main(["--dataset", "visa", "--data-root", str(root), "--category", "all", "--out", str(out), *SMALL])
+    pa.main(["--dataset", "visa", "--data-root", str(root), "--category", "all", "--out", str(out),
+             *SMALL])
     printed = capsys.readouterr().out
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert [(r["dataset"], r["category"], r["n_train"] + r["n_holdout"], r["n_test"]) for r in runs] == [
-        ("visa", "candle", 4, 4), ("visa", "pcb1", 4, 4)]
+    assert [(r["dataset"], r["category"], r["n_train"] + r["n_holdout"], r["n_test"])
+            for r in runs] == [("visa", "candle", 4, 4), ("visa", "pcb1", 4, 4)]
     assert all(r["image_auroc"] is not None and r["pixel_auroc"] is not None for r in runs)
     assert runs[0]["published_image_auroc"]["IM-IAD PatchCore"] == 98.6 and "IM-IAD" in runs[0][
         "published_image_auroc"]["source"]
@@ -282,23 +302,29 @@ def test_all_visa_categories_end_to_end_beside_im_iad(tmp_path, capsys):
     assert table[0].endswith("| ms/img | IM-IAD PatchCore |")
     assert table[1].startswith("| candle |") and table[1].endswith("| 98.6 |")
     assert table[2].startswith("| pcb1 |") and table[2].endswith("| 98.5 |")
-    assert table[3].startswith("| mean |") and table[3].endswith("| n/a |")  # theirs is over all 12 objects
-    assert "IM-IAD PatchCore: published image AUROC, theirs, not ours (the IM-IAD benchmark" in printed
+    # theirs is over all 12 objects
+    assert table[3].startswith("| mean |") and table[3].endswith("| n/a |")
+    assert ("IM-IAD PatchCore: published image AUROC, theirs, not ours (the IM-IAD benchmark"
+            in printed)
 
 
 def test_all_mvtec2_categories_end_to_end_without_peer_columns(tmp_path, capsys):
     root = write_mvtec2(tmp_path / "mvtec2")
     out = tmp_path / "out"
-    pa.main(["--dataset", "mvtec2", "--data-root", str(root), "--category", "all", "--out", str(out), *SMALL])
+    pa.main(["--dataset", "mvtec2", "--data-root", str(root), "--category", "all", "--out",
+             str(out), *SMALL])
     result = json.loads((out / "results.json").read_text())
-    assert result["dataset"] == "mvtec2" and result["n_test"] == 5 and result["pixel_auroc"] is not None
-    header = "| category | kept epoch | image AUROC | pixel AUROC | pixel AUPRO@30% | train s | ms/img |\n"
+    assert result["dataset"] == "mvtec2" and result["n_test"] == 5
+    assert result["pixel_auroc"] is not None
+    header = ("| category | kept epoch | image AUROC | pixel AUROC | pixel AUPRO@30% | train s "
+              "| ms/img |\n")
     assert header in capsys.readouterr().out
 
 
 def test_peer_mean_is_shown_only_when_every_category_ran():
-    run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None, "train_seconds": 1.0,
-           "ms_per_image": 1.0, "protocol": "test", "selected_epoch": 1, "untrained": None}
+    run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None,
+           "train_seconds": 1.0, "ms_per_image": 1.0, "protocol": "test", "selected_epoch": 1,
+           "untrained": None}
     objects = [c for c in pa.PEER_AUROC["visa"][1]["IM-IAD PatchCore"] if c != "mean"]
     assert len(objects) == 12
     rows = pa.summarize([dict(run, category=c) for c in objects], "visa")
@@ -331,7 +357,8 @@ def test_cutpaste_scar_is_a_thin_rotated_strip(seed):
     out, mask = pa.cutpaste(img, scar=True, scale=1.0)
     changed = (out != img).any(0)
     assert changed.any() and not (changed & ~mask).any()
-    assert 2 * 10 * 0.5 <= mask.sum() <= 16 * 25 * 1.2  # area of a 2-16 x 10-25 strip after rotation
+    # area of a 2-16 x 10-25 strip after rotation
+    assert 2 * 10 * 0.5 <= mask.sum() <= 16 * 25 * 1.2
     ys, xs = torch.where(mask)
     assert max(ys.max() - ys.min(), xs.max() - xs.min()) + 1 <= math.hypot(16, 25) + 2
 
@@ -374,7 +401,8 @@ def test_backbone_batchnorm_statistics_stay_frozen_while_training():
     pa.patch_loss(model(x), x, 0.5).backward()
     opt.step()
     assert torch.equal(bn.running_mean, before) and not bn.training
-    assert not torch.equal(model.encoder.layer2[0].conv1.weight, weight_before)  # trained end to end
+    # trained end to end
+    assert not torch.equal(model.encoder.layer2[0].conv1.weight, weight_before)
 
 
 def standardised(v: torch.Tensor) -> torch.Tensor:
@@ -394,10 +422,12 @@ def test_patch_loss_is_zero_for_a_perfect_reconstruction_and_matches_hand_comput
                 p = target[b, :, 8 * i:8 * i + 8, 8 * j:8 * j + 8].flatten().double()
                 expected += (0.3 * torch.linalg.norm(standardised(p_hat) - standardised(p))
                              + 0.7 * torch.linalg.norm(p_hat - p))
-    assert pa.patch_loss(recon, target, alpha=0.3).item() == pytest.approx(expected.item() / 2, rel=1e-5)
+    assert (pa.patch_loss(recon, target, alpha=0.3).item()
+            == pytest.approx(expected.item() / 2, rel=1e-5))
 
 
-# ---------------------------------------------------------------- training: optimiser, validation, selection
+# ---------------------------------------------------------------- training: optimiser,
+# validation, selection
 def test_validation_set_has_one_defect_of_each_kind_per_held_out_image_with_its_mask():
     rng = np.random.default_rng(0)
     held = torch.from_numpy(rng.integers(60, 200, (4, 3, 64, 64), dtype=np.uint8))
@@ -415,12 +445,18 @@ def test_validation_set_has_one_defect_of_each_kind_per_held_out_image_with_its_
             if kind == "stain":  # a multiplicative darkening, at least 16% inside the mask
                 ratio = img[:, mask].float() / held[i][:, mask].float()
                 assert (ratio <= 0.85).all() and (img <= held[i].int() + 1).all()
-            else:  # one foreign colour painted exactly on the mask: not image content moved, as CutPaste does
-                assert torch.equal(changed & ~mask, torch.zeros_like(mask)) and changed[mask].float().mean() > 0.9
+            else:
+                # one foreign colour painted exactly on the mask: not image content moved, as
+                # CutPaste does
+                assert torch.equal(changed & ~mask, torch.zeros_like(mask))
+                assert changed[mask].float().mean() > 0.9
                 assert (img[:, mask] == img[:, mask][:, :1]).all()
-    # the bank: at most VAL_BANK_IMAGES training images and VAL_BANK_ROWS of their patch rows, all distinct
-    assert len(val.bank_images) == pa.VAL_BANK_IMAGES == 64 and len(val.bank_rows) == 64 * 8 * 8  # < VAL_BANK_ROWS
-    assert len(val.bank_rows.unique()) == len(val.bank_rows) and int(val.bank_rows.max()) < pa.VAL_BANK_IMAGES * 64
+    # the bank: at most VAL_BANK_IMAGES training images and VAL_BANK_ROWS of their patch rows,
+    # all distinct
+    assert len(val.bank_images) == pa.VAL_BANK_IMAGES == 64
+    assert len(val.bank_rows) == 64 * 8 * 8  # < VAL_BANK_ROWS
+    assert len(val.bank_rows.unique()) == len(val.bank_rows)
+    assert int(val.bank_rows.max()) < pa.VAL_BANK_IMAGES * 64
     again = pa.make_validation(held, train, seed=0)
     assert torch.equal(again.images, val.images) and torch.equal(again.bank_rows, val.bank_rows)
     assert not torch.equal(pa.make_validation(held, train, seed=1).images, val.images)
@@ -452,7 +488,8 @@ def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(syntheti
     torch.manual_seed(0)
     images = pa.load_category(synthetic_root, "synthetic", 32, 32).train[:8]
     model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
-    stem, layer3 = [{k: v.clone() for k, v in m.state_dict().items()} for m in (model.encoder.stem, model.encoder.layer3)]
+    stem, layer3 = [{k: v.clone() for k, v in m.state_dict().items()}
+                    for m in (model.encoder.stem, model.encoder.layer3)]
     seen = []
     original_step = torch.optim.Adam.step
 
@@ -467,7 +504,8 @@ def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(syntheti
     assert any(not torch.equal(v, model.encoder.layer3.state_dict()[k]) for k, v in layer3.items())
     assert len(seen) == 6 and seen[0] == pytest.approx(1e-3) and seen[-1] < 0.1 * 1e-3
     assert all(a > b for a, b in zip(seen, seen[1:]))                   # decays at every step
-    assert result["selected_epoch"] == 3 and result["validation_curve"] == [] and len(result["loss_by_epoch"]) == 3
+    assert result["selected_epoch"] == 3 and result["validation_curve"] == []
+    assert len(result["loss_by_epoch"]) == 3
 
 
 @pytest.mark.parametrize("fake,select,tolerance,expected", [
@@ -476,8 +514,8 @@ def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(syntheti
     ([0.8, 0.805, 0.809, 0.6, 0.81], "best", 0.01, 0),  # no epoch beats epoch 0 by more than 0.01
     ([0.8, 0.805, 0.809, 0.6, 0.81], "best", 0.0, 4),
     ([0.8, 0.805, 0.812, 0.6, 0.82], "best", 0.01, 2)])  # 0.812 > 0.81; 0.82 is not above 0.822
-def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, fake, select, tolerance,
-                                                                 expected):
+def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, fake,
+                                                                 select, tolerance, expected):
     """A fake validation curve over epochs 0-4; the encoder and the decoder end with exactly the
     selected epoch's weights."""
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
@@ -486,8 +524,9 @@ def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, 
     def validate(encoder, val, cfg, device):
         states.append({k: v.clone() for k, v in encoder.state_dict().items()})
         decoders.append({k: v.clone() for k, v in model_seen[0].decoder.state_dict().items()})
-        return {"image_auroc": 0.0, "pixel_auroc": None, "pixel_aupro": 0.0, "score": fake[len(states) - 1],
-                "feature_norm": 1.0, "dead_units": 0.0, "normal_distance": 1.0}
+        return {"image_auroc": 0.0, "pixel_auroc": None, "pixel_aupro": 0.0,
+                "score": fake[len(states) - 1], "feature_norm": 1.0, "dead_units": 0.0,
+                "normal_distance": 1.0}
     model_seen, train = [], pa.train_patch_ae
 
     def spy_train(model, *args, **kwargs):
@@ -500,20 +539,23 @@ def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, 
     cfg = pa.Config(epochs=4, batch_size=16, image_size=32, crop_size=32, backbone="resnet18",
                     weights="none", select=select, holdout=0.1, lr=1e-3)
     model = fit(cfg, data, 0, torch.device("cpu"))
-    assert model["selected_epoch"] == expected and [r["epoch"] for r in model["validation_curve"]] == [0, 1, 2, 3, 4]
-    assert [r["score"] for r in model["validation_curve"]] == fake and len(model["loss_by_epoch"]) == 4
+    assert model["selected_epoch"] == expected
+    assert [r["epoch"] for r in model["validation_curve"]] == [0, 1, 2, 3, 4]
+    assert [r["score"] for r in model["validation_curve"]] == fake
+    assert len(model["loss_by_epoch"]) == 4
     final, decoder = model["encoder"].state_dict(), model["decoder"].state_dict()
     assert all(torch.equal(final[k], v) for k, v in states[expected].items())
     assert all(torch.equal(decoder[k], v) for k, v in decoders[expected].items())
-    assert not all(torch.equal(final[k], v) for k, v in states[4].items()) or expected == 4  # the weights moved
+    # the weights moved
+    assert not all(torch.equal(final[k], v) for k, v in states[4].items()) or expected == 4
 
 
 def test_validation_every_n_epochs_and_after_the_last(synthetic_root, monkeypatch):
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
     calls = []
     monkeypatch.setattr(pa, "validate", lambda *a: calls.append(1) or {
-        "image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_aupro": 1.0, "score": 1.0, "feature_norm": 1.0,
-        "dead_units": 0.0, "normal_distance": 1.0})
+        "image_auroc": 1.0, "pixel_auroc": 1.0, "pixel_aupro": 1.0, "score": 1.0,
+        "feature_norm": 1.0, "dead_units": 0.0, "normal_distance": 1.0})
     monkeypatch.setattr(pa, "auto_val_every", lambda *a: 2)
     cfg = pa.Config(epochs=5, image_size=32, crop_size=32, backbone="resnet18", weights="none",
                     holdout=0.1, select="best")
@@ -527,30 +569,37 @@ def test_a_run_that_keeps_epoch_0_is_labelled_so_everywhere(synthetic_root, tmp_
     trained = run_main(TINY[:-1] + ["0", *HOLDOUT, "--save", str(model)], tmp_path / "a",
                        synthetic_root)
     printed = capsys.readouterr().out
-    assert trained["selected_epoch"] == 0 and [r["epoch"] for r in trained["validation_curve"]] == [0]
-    assert trained["untrained"] == {k: trained[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+    assert trained["selected_epoch"] == 0
+    assert [r["epoch"] for r in trained["validation_curve"]] == [0]
+    assert trained["untrained"] == {k: trained[k]
+                                    for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
     assert "validation, epoch 0: image AUROC" in printed and "selected epoch 0" in printed
-    assert "synthetic seed 0, untrained encoder kept (epoch 0): image AUROC" in printed  # result line
-    assert "| synthetic | 0: untrained encoder kept |" in printed                     # the table
+    # the result line
+    assert "synthetic seed 0, untrained encoder kept (epoch 0): image AUROC" in printed
+    assert "| synthetic | 0: untrained encoder kept |" in printed  # the table
     assert not re.search(r"synthetic seed 0, Patch AE", printed)
     report = (tmp_path / "a" / "out" / "report.html").read_text()
     assert trained["loss_by_epoch"] == [] and "selected: epoch 0" in report
-    assert "untrained encoder kept (epoch 0)" in report and "The untrained encoder was kept" in report
+    assert "untrained encoder kept (epoch 0)" in report
+    assert "The untrained encoder was kept" in report
     assert "training loss (Eq. 3), mean per image: nothing to draw in this run" in report
     blob = torch.load(model, weights_only=True)
     assert blob["selected_epoch"] == 0 and blob["validation_curve"] == trained["validation_curve"]
     loaded = run_main(["--load", str(model)], tmp_path / "b", synthetic_root)
-    assert loaded["selected_epoch"] == 0 and loaded["validation_curve"] == trained["validation_curve"]
+    assert loaded["selected_epoch"] == 0
+    assert loaded["validation_curve"] == trained["validation_curve"]
     assert loaded["untrained"] is None  # a loaded model has no untrained encoder to score
     assert "untrained encoder kept (epoch 0): image AUROC" in capsys.readouterr().out
 
 
 def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, tmp_path):
-    argv = ["--data-root", str(synthetic_root), "--category", "synthetic", "--out", str(tmp_path), *TINY]
+    argv = ["--data-root", str(synthetic_root), "--category", "synthetic", "--out", str(tmp_path),
+            *TINY]
     expect_error(capsys, argv + ["--select", "best"], "--select best", "--holdout 0",
                  "pass --holdout 0.1, or drop --select best")
     result = pa.main(argv)[0]  # the default: the paper's protocol
-    assert result["selected_epoch"] == 1 and result["n_holdout"] == 0 and result["threshold"] is None
+    assert result["selected_epoch"] == 1 and result["n_holdout"] == 0
+    assert result["threshold"] is None
     assert result["protocol"].startswith("the paper's: all 60 train/good images train and fill the "
                                          "memory bank, the last epoch kept; the recipe ours")
     assert "the stem frozen, layer2 and layer3 at 0.1 x the learning rate" in result["protocol"]
@@ -558,7 +607,8 @@ def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, 
 
 
 def test_validation_uses_the_datasets_own_held_out_images(synthetic_root):
-    """A dataset that ships held-out normal images (MVTec AD 2's validation/good): all of train/good trains."""
+    """A dataset that ships held-out normal images (MVTec AD 2's validation/good): all of
+    train/good trains."""
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
     data.validation = data.train[:5]
     cfg = pa.Config(epochs=0, image_size=32, crop_size=32, backbone="resnet18", weights="none")
@@ -569,7 +619,8 @@ def test_validation_uses_the_datasets_own_held_out_images(synthetic_root):
 # ---------------------------------------------------------------- memory bank, kNN, maps, metrics
 def test_coreset_returns_the_requested_count_and_covers_better_than_random():
     torch.manual_seed(0)
-    x = torch.cat([torch.randn(1900, 4), torch.randn(100, 4) * 0.2 + 6])  # a big and a small cluster
+    # a big and a small cluster
+    x = torch.cat([torch.randn(1900, 4), torch.randn(100, 4) * 0.2 + 6])
     idx = pa.greedy_coreset(x, 50)
     assert len(idx) == 50 and len(idx.unique()) == 50
 
@@ -607,7 +658,8 @@ def test_anomaly_map_is_upsampled_and_smoothed():
     m = pa.anomaly_maps(scores, 64)
     assert m.shape == (1, 64, 64)
     peak = divmod(int(m[0].argmax()), 64)
-    assert abs(peak[0] - 28) <= 4 and abs(peak[1] - 36) <= 4  # the patch (3, 4) covers pixels 24-31 x 32-39
+    # the patch (3, 4) covers pixels 24-31 x 32-39
+    assert abs(peak[0] - 28) <= 4 and abs(peak[1] - 36) <= 4
     assert m[0].max() < 1.0 and m[0, 0, 0] < m[0].max() / 10
 
 
@@ -615,14 +667,16 @@ def test_aupro_on_a_hand_made_case():
     # image A: 4 normal pixels, region R1 of 2; image B: 2 normal, region R2 of 4
     masks = np.array([[[0, 0, 0, 0, 1, 1]], [[0, 0, 1, 1, 1, 1]]], bool)
     maps = np.array([[[0.9, 0.2, 0.3, 0.4, 0.8, 0.1]], [[0.5, 0.6, 0.95, 0.7, 0.05, 0.06]]])
-    # descending: 0.95 (R2: PRO 1/8) 0.9 (normal: FPR 1/6) 0.8 (R1: +1/4) 0.7 (R2: +1/8 -> PRO 1/2) 0.6 (FPR 2/6)
+    # descending: 0.95 (R2: PRO 1/8) 0.9 (normal: FPR 1/6) 0.8 (R1: +1/4)
+    # 0.7 (R2: +1/8 -> PRO 1/2) 0.6 (FPR 2/6)
     expected = (0.125 * (1 / 6) + 0.5 * (0.3 - 1 / 6)) / 0.3
     assert pa.aupro(masks, maps) == pytest.approx(expected)
 
 
 def test_aupro_regions_use_8_connectivity():
     mask = np.zeros((1, 3, 3), bool)
-    mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 1, 2] = True  # one region with 8-connectivity, two with 4
+    # one region with 8-connectivity, two with 4
+    mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 1, 2] = True
     amap = np.linspace(0.2, 0.8, 9).reshape(1, 3, 3)
     amap[0, 0, 0], amap[0, 1, 1], amap[0, 1, 2] = 0.9, 0.0, 0.01
     assert pa.aupro(mask, amap) == pytest.approx(1 / 3)  # 4-connectivity would give 1/2
@@ -630,12 +684,12 @@ def test_aupro_regions_use_8_connectivity():
 
 # ---------------------------------------------------------------- end to end
 def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys):
-    args = ["--backbone", "resnet18", "--weights", "none", "--image-size", "128", "--crop-size", "128",
-            "--epochs", "2", "--save-maps", "3"]
+    args = ["--backbone", "resnet18", "--weights", "none", "--image-size", "128", "--crop-size",
+            "128", "--epochs", "2", "--save-maps", "3"]
     result = run_main(args, tmp_path, synthetic_root)
     printed = capsys.readouterr().out
     assert "epoch 2/2" in printed and "device cpu" in printed
-    assert result["image_auroc"] >= 0.9       # random weights score ~0.5; this run gave 1.0 (seed 0)
+    assert result["image_auroc"] >= 0.9  # random weights score ~0.5; this run gave 1.0 (seed 0)
     assert result["pixel_auroc"] >= 0.8 and result["pixel_aupro"] >= 0.5
     # the paper's protocol: every training image trains and fills the bank, the last epoch is kept
     assert result["n_train"] == 60 and result["n_holdout"] == 0 and result["n_test"] == 40
@@ -649,7 +703,8 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys):
         assert result[key] > 0
     assert result["config"]["crop_size"] == 128 and result["torch"] == torch.__version__
     maps = sorted((tmp_path / "out" / "maps").glob("*.png"))
-    assert len(maps) == 3 and Image.open(maps[0]).size == (4 * 128, 128)  # input | recon | heat | mask
+    assert len(maps) == 3
+    assert Image.open(maps[0]).size == (4 * 128, 128)  # input | recon | heat | mask
 
 
 def test_same_seed_gives_the_same_scores_on_cpu(synthetic_root, tmp_path):
@@ -699,7 +754,8 @@ def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_pat
     shutil.copytree(synthetic_root / "synthetic", root / "synthetic")
     shutil.copytree(synthetic_root / "synthetic", root / "screw")  # named as a paper category
     out = tmp_path / "out"
-    pa.main(["--data-root", str(root), "--category", "all", "--seeds", "0", "1", "--out", str(out), *TINY])
+    pa.main(["--data-root", str(root), "--category", "all", "--seeds", "0", "1", "--out", str(out),
+             *TINY])
     table = capsys.readouterr().out
     assert "| screw |" in table and "| mean |" in table and " +- " in table
     assert "| 97.7 | 98.9 |" in table  # the paper's Table 1 screw values, beside ours
@@ -707,8 +763,8 @@ def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_pat
     rows = (out / "results.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows] == ["category", "screw", "synthetic", "mean"]
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted((r["category"], r["seed"]) for r in runs) == [("screw", 0), ("screw", 1), ("synthetic", 0),
-                                                                 ("synthetic", 1)]
+    assert sorted((r["category"], r["seed"]) for r in runs) == [
+        ("screw", 0), ("screw", 1), ("synthetic", 0), ("synthetic", 1)]
 
 
 def checkpoint_in_torch_home(tmp_path, monkeypatch, weights) -> Path:
@@ -720,21 +776,23 @@ def checkpoint_in_torch_home(tmp_path, monkeypatch, weights) -> Path:
 
 
 def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypatch):
-    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch,
+                                    torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
     torch.manual_seed(0)
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, ckpt)
     model = pa.load_backbone("resnet18", "imagenet")
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.raises(pa.UsageError, match=f"put {ckpt.name} .* into {ckpt.parent}.* or pass --weights none"):
+    with pytest.raises(pa.UsageError,
+                       match=f"put {ckpt.name} .* into {ckpt.parent}.* or pass --weights none"):
         pa.load_backbone("resnet18", "imagenet")
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
 def test_missing_data_root(capsys, tmp_path):
-    expect_error(capsys, ["--data-root", str(tmp_path / "nope"), *TINY], "folder not found", "train/good",
-                 pa.DATASET_URLS["mvtec"])
+    expect_error(capsys, ["--data-root", str(tmp_path / "nope"), *TINY], "folder not found",
+                 "train/good", pa.DATASET_URLS["mvtec"])
 
 
 def test_unknown_category_lists_the_found_ones(capsys, synthetic_root):
@@ -745,13 +803,15 @@ def test_unknown_category_lists_the_found_ones(capsys, synthetic_root):
 def test_empty_train_good(capsys, data_root):
     for p in (data_root / "synthetic" / "train" / "good").glob("*.png"):
         p.unlink()
-    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY], "train/good: no images")
+    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY],
+                 "train/good: no images")
 
 
 def test_undecodable_image_is_named(capsys, data_root):
     bad = data_root / "synthetic" / "test" / "good" / "005.png"
     bad.write_bytes(b"\x89PNG garbage")
-    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY], str(bad), "cannot decode")
+    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY],
+                 str(bad), "cannot decode")
 
 
 def test_mask_without_image_and_image_without_mask(capsys, data_root):
@@ -783,8 +843,8 @@ def test_one_class_test_set_reports_auroc_as_not_defined(capsys, data_root, tmp_
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so --device cuda is valid")
 def test_device_cuda_without_gpu(capsys, synthetic_root):
-    expect_error(capsys, ["--data-root", str(synthetic_root), "--category", "synthetic", "--device", "cuda", *TINY],
-                 "--device cuda", "--device cpu")
+    expect_error(capsys, ["--data-root", str(synthetic_root), "--category", "synthetic", "--device",
+                          "cuda", *TINY], "--device cuda", "--device cpu")
 
 
 def test_load_a_file_that_is_not_a_model(capsys, tmp_path):
@@ -796,8 +856,10 @@ def test_load_a_file_that_is_not_a_model(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--epochs", "-1", "--epochs must be >= 0"), ("--coreset-ratio", "0", "--coreset-ratio must be in (0, 1]"),
-    ("--coreset-ratio", "1.5", "--coreset-ratio must be in (0, 1]"), ("--alpha", "2", "--alpha must be in [0, 1]"),
+    ("--epochs", "-1", "--epochs must be >= 0"),
+    ("--coreset-ratio", "0", "--coreset-ratio must be in (0, 1]"),
+    ("--coreset-ratio", "1.5", "--coreset-ratio must be in (0, 1]"),
+    ("--alpha", "2", "--alpha must be in [0, 1]"),
     ("--crop-size", "60", "multiple of 8"), ("--holdout", "1", "--holdout must be in [0, 1)")])
 def test_nonsensical_options(capsys, flag, value, message):
     expect_error(capsys, [flag, value], message)
@@ -815,7 +877,8 @@ def test_nan_loss_stops_and_keeps_the_saved_model(capsys, synthetic_root, tmp_pa
     model = tmp_path / "model.pt"
     model.write_bytes(b"an earlier model")
     expect_error(capsys, ["--data-root", str(synthetic_root), "--category", "synthetic", "--out",
-                          str(tmp_path / "o"), "--save", str(model), "--lr", "1e30", *TINY[:-1], "3"],
+                          str(tmp_path / "o"), "--save", str(model), "--lr", "1e30",
+                          *TINY[:-1], "3"],
                  "training loss became", "at epoch", "lower --lr")
     assert model.read_bytes() == b"an earlier model"
 
@@ -843,7 +906,8 @@ def test_end_to_end_on_cuda(synthetic_root, tmp_path):
 
 
 def readme_commands(section: str) -> list[list[str]]:
-    """The `python patch_ae.py ...` lines of the README's section whose title starts with `section`."""
+    """The `python patch_ae.py ...` lines of the README's section whose title starts with
+    `section`."""
     text = (Path(__file__).parent / "README.md").read_text()
     body = text.split(f"\n## {section}", 1)[1].split("\n## ", 1)[0]
     lines = [line for line in body.splitlines() if "python patch_ae.py" in line]
@@ -857,17 +921,19 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert result["image_auroc"] >= 0.95 and "validation, epoch 5: image AUROC" in printed
     assert f"selected epoch {result['selected_epoch']} (best;" in printed
-    (report,) = (tmp_path / "runs").glob("synthetic__0__*/report.html")  # self-contained: every picture inline
+    # self-contained: every picture inline
+    (report,) = (tmp_path / "runs").glob("synthetic__0__*/report.html")
     page = ReportParser(report.read_text())
-    assert len(page.images) == 36 and not any("http:" in v or "https:" in v for v in page.attributes)
+    assert len(page.images) == 36
+    assert not any("http:" in v or "https:" in v for v in page.attributes)
     for src in page.images:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).load()
     shutil.copytree(synthetic_root / "synthetic", tmp_path / "my_data" / "my_part")
     shutil.copytree(synthetic_root / "synthetic" / "test", tmp_path / "incoming")
     train, predict = readme_commands("Using it on your own images")
     assert "--save" in train and "--predict" in predict
-    pa.main(train + ["--backbone", "resnet18", "--weights", "none", "--image-size", "128", "--crop-size", "128",
-                     "--epochs", "5"])  # the offline variant the README gives
+    pa.main(train + ["--backbone", "resnet18", "--weights", "none", "--image-size", "128",
+                     "--crop-size", "128", "--epochs", "5"])  # the offline variant the README gives
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
@@ -875,17 +941,20 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
 
 
 def test_readme_paper_to_code_map_names_exist():
-    """Every backticked name in the code column of the README's paper-to-code map is in patch_ae.py."""
+    """Every backticked name in the code column of the README's paper-to-code map is in
+    patch_ae.py."""
     text = (Path(__file__).parent / "README.md").read_text()
     body = text.split("\n## Paper-to-code map", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in body.splitlines() if line.startswith("|")][2:]  # after the header and its rule
+    # after the header and its rule
+    rows = [line for line in body.splitlines() if line.startswith("|")][2:]
     assert len(rows) >= 12, f"the paper-to-code map has {len(rows)} rows"
     missing = []
     for row in rows:
         names = re.findall(r"`([^`]+)`", row.strip().strip("|").split("|")[-1])
         assert names, f"a map row names no code: {row}"
         for name in names:
-            assert re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name), f"not a name: {name!r} in {row}"
+            assert re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name), \
+                f"not a name: {name!r} in {row}"
             try:
                 functools.reduce(getattr, name.split("."), pa)
             except AttributeError:
@@ -945,14 +1014,19 @@ print(json.dumps(failed))
 
 
 def parse_at_commit(commit: str, commands: list, folder: Path) -> list | None:
-    """The commands that the scripts of `commit` refuse, or None where git cannot show it."""
+    """The commands that the scripts of `commit` refuse; None where this checkout has no history
+    to show it from (no git, or a shallow clone)."""
     root = Path(__file__).parent
+    shallow = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True)
+    if shallow.returncode or shallow.stdout.strip() != "false":
+        return None
     for path, name in (("patch_ae.py", "patch_ae.py"), ("bench.py", "bench.py"),
                        ("tools/gpu_check.py", "gpu_check.py"), ("report.py", "report.py")):
         shown = subprocess.run(["git", "-C", str(root), "show", f"{commit}:{path}"],
                                capture_output=True, text=True)
         if shown.returncode and path != "report.py":  # report.py came later
-            return None
+            return [["all", [], f"git cannot show {commit}:{path}"]]
         folder.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(shown.stdout)
     done = subprocess.run([sys.executable, "-c", PARSE_AT_COMMIT, str(folder)], capture_output=True,
@@ -988,11 +1062,13 @@ def test_doc_commands_parse(tmp_path):
                 older.setdefault(named[-1], []).append([script, argv])
             else:
                 failed.append(f"{where}: python {script} {shlex.join(argv)}")
-    assert not failed, "commands in the docs that do not parse, naming no commit:\n" + "\n".join(failed)
+    assert not failed, ("commands in the docs that do not parse, naming no commit:\n"
+                        + "\n".join(failed))
     for k, (commit, commands) in enumerate(older.items()):
-        refused = parse_at_commit(commit, commands, tmp_path / str(k)) if shutil.which("git") else None
+        refused = (parse_at_commit(commit, commands, tmp_path / str(k)) if shutil.which("git")
+                   else None)
         if refused is None:
-            pytest.skip(f"git cannot show commit {commit} here (a shallow clone?)")
+            pytest.skip(f"no git history here to show commit {commit} (a shallow clone?)")
         assert not refused, f"commands that commit {commit} does not accept either: {refused}"
     counts = {script: len(commands) for script, commands in found.items()}
     assert counts["patch_ae.py"] >= 10 and counts["bench.py"] >= 4, counts
@@ -1007,7 +1083,8 @@ def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_pa
     # torchvision's DenseNet checkpoints still name a dense layer's parts 'norm.1', 'conv.2', ...
     # (from before '.' was forbidden in module names); only torchvision's builder renames them.
     # bench.py's --baseline ensemble loads densenet201 this way.
-    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch, torchvision.models.DenseNet201_Weights.IMAGENET1K_V1)
+    ckpt = checkpoint_in_torch_home(tmp_path, monkeypatch,
+                                    torchvision.models.DenseNet201_Weights.IMAGENET1K_V1)
     torch.manual_seed(0)
     state = torchvision.models.densenet201().state_dict()
     legacy = {}
@@ -1020,7 +1097,8 @@ def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_pa
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     torch.save(legacy, ckpt)
     model = pa.load_backbone("densenet201", "imagenet").state_dict()
-    for key in ("features.denseblock1.denselayer1.norm1.weight", "features.denseblock4.denselayer32.conv2.weight",
+    for key in ("features.denseblock1.denselayer1.norm1.weight",
+                "features.denseblock4.denselayer32.conv2.weight",
                 "features.transition3.norm.running_var", "classifier.bias"):
         assert torch.equal(model[key], state[key]), key
     weights_file = tmp_path / "densenet.pt"  # --weights PATH still takes a current state_dict
@@ -1034,16 +1112,19 @@ def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
     halves[:, 30:] = 1000.0
     deep_mask = np.zeros((40, 60), np.uint16)
     deep_mask[:, 30:] = 1  # a 16-bit label mask: 1 = defect
-    cases = {"unit.tif": np.full((40, 60), 0.5, np.float32),        # float in [0, 1]: x 255 -> 128 (not 0)
-             "halves.tif": halves,                                  # other floats: min-max -> 0 | 255
-             "deep.png": np.full((40, 60), 257 * 100, np.uint16),   # 16 bit: / 257 -> 100
-             "dark.png": np.full((40, 60), 200, np.uint16)}         # the same scale for a dark image: 1
+    cases = {
+        "unit.tif": np.full((40, 60), 0.5, np.float32),       # float in [0, 1]: x 255 -> 128, not 0
+        "halves.tif": halves,                                 # other floats: min-max -> 0 | 255
+        "deep.png": np.full((40, 60), 257 * 100, np.uint16),  # 16 bit: / 257 -> 100
+        "dark.png": np.full((40, 60), 200, np.uint16),        # the same scale for a dark image: 1
+    }
     for name, array in cases.items():
         Image.fromarray(array).save(tmp_path / name)
     assert Image.open(tmp_path / "unit.tif").mode == "F"
     read = {name: pa.read_image(tmp_path / name, 36, 32) for name in cases}
     assert int(read["unit.tif"].min()) == int(read["unit.tif"].max()) == 128
-    assert (read["halves.tif"][:, :, :4] == 0).all() and (read["halves.tif"][:, :, -4:] == 255).all()
+    assert (read["halves.tif"][:, :, :4] == 0).all()
+    assert (read["halves.tif"][:, :, -4:] == 255).all()
     assert int(read["deep.png"].min()) == int(read["deep.png"].max()) == 100
     assert int(read["dark.png"].min()) == int(read["dark.png"].max()) == 1
     Image.fromarray(deep_mask).save(tmp_path / "mask.png")
@@ -1063,7 +1144,8 @@ def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):
 def test_anomaly_map_is_bilinear_upsampling_then_a_gaussian_blur_of_sigma_4():
     torch.manual_seed(0)
     scores = torch.rand(2, 8, 8)
-    up = torch.nn.functional.interpolate(scores[:, None], size=(64, 64), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(scores[:, None], size=(64, 64), mode="bilinear",
+                                         align_corners=False)
     # the reference blur, PatchCore's: scipy's Gaussian, sigma 4, truncated at 4 sigma, the border
     # reflected with its edge pixel (mode 'reflect'; torch's own 'reflect' is scipy's 'mirror')
     expected = np.stack([scipy.ndimage.gaussian_filter(u.double().numpy(), sigma=4, mode="reflect",
@@ -1079,7 +1161,8 @@ def test_augment_applies_cutpaste_with_probability_p_normal_and_scar_alike():
     def changed_pixels(batch, p=None):  # (N,) changed pixels per image; p=None: augment's default
         out = pa.augment(batch, 32) if p is None else pa.augment(batch, 32, p=p)
         return (out != batch).any(1).flatten(1).sum(1)
-    assert (changed_pixels(batch[:40], 0.0) == 0).all() and (changed_pixels(batch[:40], 1.0) > 0).all()
+    assert (changed_pixels(batch[:40], 0.0) == 0).all()
+    assert (changed_pixels(batch[:40], 1.0) > 0).all()
     n = changed_pixels(batch)
     assert 0.38 <= (n > 0).float().mean() <= 0.62          # p = 0.5 (mean of 200 draws: +- 0.035)
     # at 32 px a scar is at most 2 x 3 px (before rotation), a normal cut-out at least 2% = 20 px
@@ -1103,7 +1186,8 @@ def test_training_step_input_and_target_are_the_same_cutpaste_augmented_batch(mo
     monkeypatch.setattr(pa, "patch_loss", spy_loss)
     torch.manual_seed(0)
     model = pa.PatchAE(pa.load_backbone("resnet18", "none"))
-    model.encoder.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach().clone()))
+    model.encoder.register_forward_pre_hook(
+        lambda module, args: inputs.append(args[0].detach().clone()))
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
     pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=8, image_size=32, crop_size=32),
                       torch.device("cpu"))
@@ -1123,19 +1207,22 @@ def test_cutpaste_scars_are_rotated_by_up_to_45_degrees():
         ys, xs = torch.where(mask)
         rectangles += int((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1) == len(ys))
         evals, evecs = np.linalg.eigh(np.cov(np.stack([xs.numpy(), ys.numpy()]).astype(float)))
-        if evals[1] > 3 * evals[0]:  # an elongated strip: its long axis, from the pixels' second moments
+        # an elongated strip: its long axis, from the pixels' second moments
+        if evals[1] > 3 * evals[0]:
             vx, vy = np.abs(evecs[:, 1])
-            tilts.append(math.degrees(math.atan2(min(vx, vy), max(vx, vy))))  # from the nearest image axis
+            # from the nearest image axis
+            tilts.append(math.degrees(math.atan2(min(vx, vy), max(vx, vy))))
     assert rectangles <= 4             # an unrotated strip fills its bounding box
     assert len(tilts) >= 10 and max(tilts) >= 30 and np.median(tilts) >= 10
 
 
 def test_coreset_on_the_random_projection_covers_as_well_as_without_it():
     torch.manual_seed(0)
-    z = torch.cat([torch.randn(1900, 4), torch.randn(100, 4) * 0.2 + 6])  # a big and a small cluster
-    x = z @ torch.randn(4, 256) / 4 + 0.01 * torch.randn(2000, 256)      # D = 256 > proj_dim = 128
+    # a big and a small cluster
+    z = torch.cat([torch.randn(1900, 4), torch.randn(100, 4) * 0.2 + 6])
+    x = z @ torch.randn(4, 256) / 4 + 0.01 * torch.randn(2000, 256)  # D = 256 > proj_dim = 128
     projected = pa.greedy_coreset(x, 50)
-    exact = pa.greedy_coreset(x, 50, proj_dim=256)                      # D = proj_dim: no projection
+    exact = pa.greedy_coreset(x, 50, proj_dim=256)                   # D = proj_dim: no projection
     assert len(projected.unique()) == 50
 
     def radius(sel):  # covering radius in the full space
@@ -1155,7 +1242,8 @@ def test_training_leaves_every_batchnorm_statistic_of_the_backbone_unchanged():
     pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=4, image_size=32, crop_size=32),
                       torch.device("cpu"))
     for name, m in bns.items():
-        assert not m.training and all(torch.equal(a, b) for a, b in zip(m.buffers(), before[name])), name
+        assert not m.training, name
+        assert all(torch.equal(a, b) for a, b in zip(m.buffers(), before[name])), name
     assert not torch.equal(model.encoder.layer3[1].conv2.weight, conv_before)  # trained end to end
 
 
@@ -1174,8 +1262,8 @@ def test_aupro_averages_over_regions_not_images():
     # image A: regions R1 (1 px) and R2 (2 px), 3 normal px; image B: region R3 (3 px), 3 normal px
     masks = np.array([[[1, 0, 1, 1, 0, 0]], [[1, 1, 1, 0, 0, 0]]], bool)
     maps = np.array([[[0.95, 0.9, 0.2, 0.3, 0.8, 0.05]], [[0.4, 0.5, 0.6, 0.7, 0.1, 0.15]]])
-    # 0.95 covers R1: PRO = (1 + 0 + 0) / 3 regions; then 0.9 and 0.8 (normal) pass FPR 0.3 with PRO 1/3.
-    # Per image it would be (1/3 + 0) / 2 = 1/6 (the mean of each image's regions: 1/4).
+    # 0.95 covers R1: PRO = (1 + 0 + 0) / 3 regions; then 0.9 and 0.8 (normal) pass FPR 0.3 with
+    # PRO 1/3. Per image it would be (1/3 + 0) / 2 = 1/6 (the mean of each image's regions: 1/4).
     assert pa.aupro(masks, maps) == pytest.approx(1 / 3)
 
 
@@ -1187,7 +1275,8 @@ def test_aupro_ties_share_one_threshold():
     assert pa.aupro(mask, amap) == pytest.approx((0.5 * 0.25 + 0.05) / 0.3)
 
 
-# ---------------------------------------------------------------- scoring, coreset start, streaming predict
+# ---------------------------------------------------------------- scoring, coreset start,
+# streaming predict
 def test_score_images_is_the_nearest_bank_distance_upsampled_and_blurred():
     torch.manual_seed(0)
     encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
@@ -1227,7 +1316,8 @@ def test_coreset_starts_from_the_mean_distance_to_random_rows_not_added():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> tuple[Path, float]:
-    """A resnet18 model file at 32 px (random weights, a bank of 4 random images' patches) and its threshold."""
+    """A resnet18 model file at 32 px (random weights, a bank of 4 random images' patches) and its
+    threshold."""
     torch.manual_seed(0)
     path, cpu = tmp_path_factory.mktemp("model") / "model.pt", torch.device("cpu")
     model = pa.PatchAE(pa.load_backbone("resnet18", "none")).eval()
@@ -1237,10 +1327,11 @@ def tiny_model(tmp_path_factory) -> tuple[Path, float]:
     scores, _ = pa.score_images(model.encoder, bank, held, 6, cpu)
     threshold = float(np.median(scores))
     scale = {"low": 0.0, "mid": threshold, "source": "test"}
-    pa.save_model(str(path), pa.Config(backbone="resnet18", weights="none", image_size=32, crop_size=32),
-                  {**dict.fromkeys(pa.RUN_FIELDS), "encoder": model.encoder, "decoder": model.decoder,
-                   "bank": bank, "threshold": threshold, "heat_scale": scale, "n_train": 4,
-                   "n_holdout": 0, "protocol": "test"})
+    pa.save_model(str(path),
+                  pa.Config(backbone="resnet18", weights="none", image_size=32, crop_size=32),
+                  {**dict.fromkeys(pa.RUN_FIELDS), "encoder": model.encoder,
+                   "decoder": model.decoder, "bank": bank, "threshold": threshold,
+                   "heat_scale": scale, "n_train": 4, "n_holdout": 0, "protocol": "test"})
     return path, threshold
 
 
@@ -1260,26 +1351,30 @@ def read_predictions(out: Path) -> dict:
     return {r[0]: r[1:] for r in (line.split(",", 3) for line in lines[1:])}
 
 
-def test_predict_gives_an_unreadable_file_its_row_and_scores_the_others(tiny_model, tmp_path, capsys):
+def test_predict_gives_an_unreadable_file_its_row_and_scores_the_others(tiny_model, tmp_path,
+                                                                        capsys):
     model, threshold = tiny_model
     folder = image_folder(tmp_path / "in", 6)
-    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "clean"), "--batch-size", "4"])
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "clean"),
+             "--batch-size", "4"])
     clean = read_predictions(tmp_path / "clean")
     assert len(clean) == 6 and all(err == "" for *_, err in clean.values())
     assert all(flag == str(int(float(s) >= threshold)) for s, flag, _ in clean.values())
     (folder / "sub" / "broken.png").write_bytes(b"not an image")
     capsys.readouterr()
-    err = expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"),
-                                "--batch-size", "4"], "1 of 7 files could not be read", "the other 6 were scored")
+    err = expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out",
+                                str(tmp_path / "out"), "--batch-size", "4"],
+                       "1 of 7 files could not be read", "the other 6 were scored")
     assert str(tmp_path / "out" / "predictions.csv") in err
     rows = read_predictions(tmp_path / "out")
     assert list(rows) == sorted(rows) and len(rows) == 7
     score, flag, reason = rows.pop(str(Path("sub") / "broken.png"))
     assert score == flag == "" and "cannot decode" in reason
-    assert rows == clean                                     # the others: scored, and as without the broken file
+    assert rows == clean  # the others: scored, and as without the broken file
     assert len(list((tmp_path / "out" / "heatmaps").rglob("*.png"))) == 6
     report = (tmp_path / "out" / "report.html").read_text()
-    assert f"<b>{Path('sub') / 'broken.png'}</b>: cannot decode" in report and report.count("<img ") == 6
+    assert f"<b>{Path('sub') / 'broken.png'}</b>: cannot decode" in report
+    assert report.count("<img ") == 6
 
 
 def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_path, monkeypatch):
@@ -1303,7 +1398,8 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
     monkeypatch.setattr(pa, "read_image", counting_read)
     monkeypatch.setattr(pa, "save_heatmap", counting_write)
     monkeypatch.setattr(pa, "score_images", counting_score)
-    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"), "--batch-size", "2"])
+    pa.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"),
+             "--batch-size", "2"])
     assert counts == {"read": 7, "written": 7, "largest score_images call": 2}
     assert len(read_predictions(tmp_path / "out")) == 7
 
@@ -1326,7 +1422,8 @@ def test_predict_heatmap_colours_use_the_models_scale_else_each_images_own(tiny_
     blob["heat_scale"] = blob["threshold"] = None             # as a model trained with --holdout 0
     torch.save(blob, tmp_path / "no_scale.pt")
     scales.clear()
-    pa.main(["--load", str(tmp_path / "no_scale.pt"), "--predict", str(folder), "--out", str(tmp_path / "b")])
+    pa.main(["--load", str(tmp_path / "no_scale.pt"), "--predict", str(folder), "--out",
+             str(tmp_path / "b")])
     printed = capsys.readouterr().out
     assert "each heatmap is coloured from its own lowest to its highest pixel" in printed
     assert "the model has no threshold" in printed and "--holdout 0.1" in printed
@@ -1339,18 +1436,21 @@ def test_predict_heatmap_colours_use_the_models_scale_else_each_images_own(tiny_
 
 def test_readme_dataset_commands_parse():
     cfgs = [pa.parse_config(argv)[0] for argv in readme_commands("Data layout")]
-    assert [c.dataset for c in cfgs[:3]] == ["visa", "mvtec2", "mvtec2"] and cfgs[0].category == "all"
+    assert [c.dataset for c in cfgs[:3]] == ["visa", "mvtec2", "mvtec2"]
+    assert cfgs[0].category == "all"
     assert cfgs[3].load == cfgs[2].save and cfgs[3].predict.endswith("/can/test_private")
 
 
-# ---------------------------------------------------------------- the report, and review findings: tests that fail
-# on code that is wrong in ways the tests above let pass
+# ---------------------------------------------------------------- the report, and review findings:
+# tests that fail on code that is wrong in ways the tests above let pass
 class ReportParser(HTMLParser):
-    """report.html -> every attribute value, the <img> sources, and each <h3> gallery's captions in order."""
+    """report.html -> every attribute value, the <img> sources, and each <h3> gallery's captions
+    in order."""
 
     def __init__(self, text: str):
         super().__init__()
-        self.attributes, self.images, self.galleries, self.tag, self.heading = [], [], {}, None, None
+        self.attributes, self.images, self.galleries = [], [], {}
+        self.tag, self.heading = None, None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
@@ -1377,7 +1477,8 @@ def spy_on_evaluate(monkeypatch) -> dict:
     def spy(cfg, model, data, device, out):
         result, scored = evaluate(cfg, model, data, device, out)
         names = [f"{p.parent.name}/{p.name}" for p in data.test_paths]
-        seen.update(scores=scored["scores"], labels=data.labels, names=names, model=model, data=data)
+        seen.update(scores=scored["scores"], labels=data.labels, names=names, model=model,
+                    data=data)
         return result, scored
     monkeypatch.setattr(pa, "evaluate", spy)
     return seen
@@ -1404,8 +1505,8 @@ def test_report_is_self_contained_and_its_galleries_hold_the_right_images(synthe
     # no threshold (the paper's protocol): the headings name no false alarms and no misses
     assert report.galleries["Highest-scoring normal images (no threshold, so no false alarms to "
                             "name)"] == list(names[normals[:5]])
-    assert report.galleries["Lowest-scoring defective images (no threshold, so no misses to name)"] \
-        == list(names[down[::-1][:5]])
+    assert report.galleries["Lowest-scoring defective images (no threshold, so no misses to "
+                            "name)"] == list(names[down[::-1][:5]])
     assert "<table>" in text and "|---|" not in text and "<pre>" not in text  # HTML tables
     assert "untrained encoder" in text and "ROC of the image scores" in text
     assert text.count("<polyline") >= 3 + 1  # ROC: trained, untrained, chance; the loss curve
@@ -1421,7 +1522,8 @@ def test_galleries_name_false_alarms_and_misses_only_by_the_threshold():
     pixels = np.zeros((8, 8, 3), np.uint8)
 
     def galleries(threshold):
-        page = ReportParser(report.galleries(labels, scores, threshold, names, lambda i: pixels, 10))
+        page = ReportParser(report.galleries(labels, scores, threshold, names,
+                                             lambda i: pixels, 10))
         return page.galleries
     some = galleries(0.55)  # normal img2 (0.9) at or above it; defect img3 (0.3) below it
     assert some["False alarms: normal images at or above the threshold (1)"] == ["img2"]
@@ -1453,10 +1555,12 @@ def test_gallery_headings_follow_the_runs_threshold(synthetic_root, tmp_path, mo
         page = ReportParser((tmp_path / name / "out" / "report.html").read_text())
         scores, labels, names = seen["scores"], seen["labels"], seen["names"]
         thr = result["threshold"]
-        alarms = [names[i] for i in np.argsort(-scores, kind="stable") if not labels[i] and scores[i] >= thr]
+        alarms = [names[i] for i in np.argsort(-scores, kind="stable")
+                  if not labels[i] and scores[i] >= thr]
         heading = next(h for h in page.galleries if "normal images" in h.lower() or "False" in h)
         if alarms:
-            assert heading == f"False alarms: normal images at or above the threshold ({len(alarms)})"
+            assert heading == ("False alarms: normal images at or above the threshold "
+                               f"({len(alarms)})")
             assert page.galleries[heading] == alarms
         else:
             assert heading == "Highest-scoring normal images: none at or above the threshold"
@@ -1473,12 +1577,14 @@ def test_the_reconstruction_panel_is_the_decoders_output_for_that_image(syntheti
     expected = pa.reconstruct(model["encoder"], model["decoder"], data.test, torch.device("cpu"))
     with torch.no_grad():  # the decoder's I_hat, brought back from ImageNet normalisation by hand
         i_hat = model["decoder"](model["encoder"](pa.normalize(data.test.float() / 255)))
-    mean, std = torch.tensor(pa.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(pa.IMAGENET_STD).view(3, 1, 1)
+    mean, std = (torch.tensor(pa.IMAGENET_MEAN).view(3, 1, 1),
+                 torch.tensor(pa.IMAGENET_STD).view(3, 1, 1))
     by_hand = ((i_hat * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     assert (expected.int() - by_hand.int()).abs().max() <= 1
     assert (expected.int() - data.test.int()).abs().float().mean() > 2  # not the input again
     for i, path in enumerate(data.test_paths):  # --save-maps: lossless PNGs, input | recon | ...
-        png = np.asarray(Image.open(tmp_path / "out" / "maps" / f"{path.parent.name}_{path.stem}.png"))
+        png = np.asarray(Image.open(tmp_path / "out" / "maps"
+                                    / f"{path.parent.name}_{path.stem}.png"))
         assert np.array_equal(png[:, :64], data.test[i].permute(1, 2, 0).numpy())
         recon = expected[i].permute(1, 2, 0).numpy().astype(int)  # batch of 1 there: rounding
         assert np.abs(png[:, 64:128].astype(int) - recon).max() <= 1
@@ -1546,17 +1652,21 @@ def test_predict_keeps_one_heatmap_per_file_when_names_share_a_stem(tiny_model, 
     assert set(read_predictions(tmp_path / "out")) == {"a.png", "a.jpg"}
 
 
-def test_a_float_image_with_a_nan_pixel_is_refused_not_read_as_black(capsys, data_root, tiny_model, tmp_path):
-    pixels = np.random.default_rng(0).uniform(0, 3, (64, 64)).astype(np.float32)  # out of [0, 1]: min-max scaled
+def test_a_float_image_with_a_nan_pixel_is_refused_not_read_as_black(capsys, data_root, tiny_model,
+                                                                     tmp_path):
+    # out of [0, 1]: min-max scaled
+    pixels = np.random.default_rng(0).uniform(0, 3, (64, 64)).astype(np.float32)
     pixels[5, 7] = np.nan
     bad = data_root / "synthetic" / "train" / "good" / "007.tif"
     (data_root / "synthetic" / "train" / "good" / "007.png").unlink()
     Image.fromarray(pixels).save(bad)
-    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY], str(bad), "NaN")
+    expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic", *TINY],
+                 str(bad), "NaN")
     model, _ = tiny_model
     folder = image_folder(tmp_path / "in", 2)
     shutil.copy(bad, folder / "nan.tif")
-    expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out")],
-                 "1 of 3 files could not be read")
+    expect_error(capsys, ["--load", str(model), "--predict", str(folder), "--out",
+                          str(tmp_path / "out")], "1 of 3 files could not be read")
     rows = read_predictions(tmp_path / "out")
-    assert rows["nan.tif"][:2] == ["", ""] and "NaN" in rows["nan.tif"][2] and rows["00.png"][0] != ""
+    assert rows["nan.tif"][:2] == ["", ""] and "NaN" in rows["nan.tif"][2]
+    assert rows["00.png"][0] != ""
