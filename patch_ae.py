@@ -987,25 +987,31 @@ def build_memory_bank(features: torch.Tensor, ratio: float, seed: int = 0) -> to
 # One distance block's memory, MB: the only memory that grows with the work. CPU: 8 was level
 # with 4 and faster than 2 (docs/benchmark.md); CUDA: fewer, larger launches, not yet measured.
 KNN_BLOCK_MB = {"cpu": 8, "cuda": 256}
+KNN_QUERIES = 1024  # queries per block: near-square blocks keep torch.cdist at 0.7 of a GEMM
 
 
 def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
                block_mb: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) x (M, D) -> L2 distances (Q, k) to the k nearest bank rows and their indices (Q, k),
     nearest first. Brute force, as its meaning: torch.cdist(queries, bank).topk(k, largest=False),
-    walked over the bank in blocks of `block_mb` (0: KNN_BLOCK_MB) so that memory stays flat."""
+    computed in blocks of KNN_QUERIES queries x as many bank rows as fit `block_mb` (0:
+    KNN_BLOCK_MB), each block's nearest merged with the best so far, so memory stays flat."""
     queries, bank = queries.float(), bank.to(queries.device, torch.float32)
     block_mb = block_mb or KNN_BLOCK_MB.get(queries.device.type, 8)
-    rows = max(k, block_mb * 2**20 // (4 * len(queries)))               # bank rows per block
-    best_d = torch.full((len(queries), k), float("inf"), device=queries.device)
-    best_i = torch.zeros((len(queries), k), dtype=torch.long, device=queries.device)
-    for start in range(0, len(bank), rows):
-        d = torch.cdist(queries, bank[start:start + rows])              # (Q, rows)
-        v, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)         # this block's nearest
-        best_d, j = torch.cat([best_d, v], 1).topk(k, dim=1, largest=False)  # and the best so far
-        best_i = torch.cat([best_i, i + start], 1).gather(1, j)
-    # exact distances to the chosen rows: cdist's matrix-product form loses digits when d << ||q||
-    return (queries[:, None, :] - bank[best_i]).norm(dim=-1), best_i
+    dists, idxs = [], []
+    for q in queries.split(KNN_QUERIES):
+        rows = max(k, block_mb * 2**20 // (4 * len(q)))                 # bank rows per block
+        best_d = torch.full((len(q), k), float("inf"), device=q.device)
+        best_i = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
+        for start in range(0, len(bank), rows):
+            d = torch.cdist(q, bank[start:start + rows])                # (q, rows)
+            v, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)     # this block's nearest
+            best_d, j = torch.cat([best_d, v], 1).topk(k, dim=1, largest=False)  # and the best
+            best_i = torch.cat([best_i, i + start], 1).gather(1, j)
+        # exact distances to the chosen rows: cdist's matrix product loses digits when d << ||q||
+        dists.append((q[:, None, :] - bank[best_i]).norm(dim=-1))
+        idxs.append(best_i)
+    return torch.cat(dists), torch.cat(idxs)
 
 
 def patch_scores(features: torch.Tensor, bank: torch.Tensor,
@@ -1363,15 +1369,14 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device,
     t2 = clock(device)
     print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {t2 - t1:.1f}s; "
           f"training + bank {t2 - t0:.1f}s", flush=True)
-    baseline = None
+    epoch0 = None  # the untrained encoder and its bank, built as the trained one's
     if untrained and training["selected_epoch"] == 0:  # the kept encoder is the untrained one
-        baseline = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
+        epoch0 = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
     elif untrained:
         initial.to(device)
         features = extract_features(initial, train, cfg.batch_size, device, "untrained encoder")
-        baseline = {"encoder": initial,
-                    "bank": build_memory_bank(features, cfg.coreset_ratio, seed)}
-        baseline["seconds"] = clock(device) - t2
+        epoch0 = {"encoder": initial, "bank": build_memory_bank(features, cfg.coreset_ratio, seed)}
+        epoch0["seconds"] = clock(device) - t2
     threshold, scale = None, None
     if len(held):  # from normal images alone: the THRESHOLD_QUANTILE quantile of their scores
         s, maps = score_images(model.encoder, bank, held, cfg.batch_size, device, cfg.image_score,
@@ -1381,7 +1386,7 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device,
         print(f"threshold {threshold:.4f} = {THRESHOLD_QUANTILE:g} quantile of {len(held)} "
               f"held-out scores", flush=True)
     return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank,
-            "untrained": baseline, "threshold": threshold, "heat_scale": scale,
+            "untrained": epoch0, "threshold": threshold, "heat_scale": scale,
             "n_train": len(train), "n_holdout": len(held), "protocol": protocol,
             "train_seconds": t2 - t0, "bank_seconds": t2 - t1, **training}
 
@@ -1399,23 +1404,24 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
     f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
     result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1,
               "ms_per_image": ms, "untrained": None, "untrained_seconds": None}
-    baseline, untrained_scores = model["untrained"], None
-    if baseline is not None and baseline["encoder"] is model["encoder"]:  # epoch 0 was kept
+    epoch0, untrained_scores = model["untrained"], None
+    if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
         untrained_scores, untrained_maps = scores, maps
-    elif baseline is not None:
+    elif epoch0 is not None:
         t0 = clock(device)
         untrained_scores, untrained_maps = score_images(
-            baseline["encoder"], baseline["bank"], data.test, cfg.batch_size, device,
+            epoch0["encoder"], epoch0["bank"], data.test, cfg.batch_size, device,
             cfg.image_score, desc="test, untrained encoder")
-        baseline["seconds"] += clock(device) - t0
-    if baseline is not None:
+        epoch0["seconds"] += clock(device) - t0
+    if epoch0 is not None:
         result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
                                               untrained_maps)
-        result["untrained_seconds"] = baseline["seconds"]
-    normal = maps[torch.from_numpy(data.labels == 0)]
-    scale = model["heat_scale"] or (heat_scale(normal, "the normal test images (the model has "
-                                               "no held-out images)") if len(normal) else
-                                    own_scale(maps))
+        result["untrained_seconds"] = epoch0["seconds"]
+    scale = model["heat_scale"]
+    if scale is None:  # no held-out images: the normal test images anchor the colours
+        normal = maps[torch.from_numpy(data.labels == 0)]
+        source = "the normal test images (the model has no held-out images)"
+        scale = heat_scale(normal, source) if len(normal) else own_scale(maps)
     for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
         p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
         save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
