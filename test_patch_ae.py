@@ -919,8 +919,12 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     (quick,) = readme_commands("Quick start")
     result = pa.main(quick)[0]
     printed = capsys.readouterr().out
-    assert result["image_auroc"] >= 0.95 and "validation, epoch 5: image AUROC" in printed
-    assert f"selected epoch {result['selected_epoch']} (best;" in printed
+    # the paper's protocol: every training image, the last epoch, the untrained encoder beside it
+    assert result["n_holdout"] == 0 and result["selected_epoch"] == 5
+    assert result["image_auroc"] >= 0.95 and result["untrained"]["image_auroc"] >= 0.95
+    assert "protocol: the paper's: all 60 train/good images" in printed
+    assert "synthetic seed 0, Patch AE, epoch 5: image AUROC" in printed
+    assert "untrained encoder (epoch 0, same bank construction and test images)" in printed
     # self-contained: every picture inline
     (report,) = (tmp_path / "runs").glob("synthetic__0__*/report.html")
     page = ReportParser(report.read_text())
@@ -931,10 +935,11 @@ def test_readme_commands_run(synthetic_root, tmp_path, monkeypatch, capsys):
     shutil.copytree(synthetic_root / "synthetic", tmp_path / "my_data" / "my_part")
     shutil.copytree(synthetic_root / "synthetic" / "test", tmp_path / "incoming")
     train, predict = readme_commands("Using it on your own images")
-    assert "--save" in train and "--predict" in predict
+    assert "--save" in train and "--predict" in predict and "--holdout" in train
     pa.main(train + ["--backbone", "resnet18", "--weights", "none", "--image-size", "128",
                      "--crop-size", "128", "--epochs", "5"])  # the offline variant the README gives
     assert len(list((tmp_path / "runs" / "my_part" / "maps").glob("*.png"))) == 8
+    assert "threshold " in capsys.readouterr().out  # a model for --predict has its threshold
     pa.main(predict)
     assert len((tmp_path / "runs" / "incoming" / "predictions.csv").read_text().splitlines()) == 41
     assert "Highest-scoring images" in (tmp_path / "runs" / "incoming" / "report.html").read_text()
