@@ -1135,7 +1135,7 @@ def heat_scale(normal_maps: torch.Tensor, source: str) -> dict:
     'mid' at the middle of its colour map, so yellow to red is above what normal images reach."""
     peaks = normal_maps.flatten(1).amax(1).numpy()
     return {"low": float(normal_maps.min()), "mid": float(np.quantile(peaks, THRESHOLD_QUANTILE)),
-            "source": source}
+            "source": source, "quantile": THRESHOLD_QUANTILE}
 
 
 def own_scale(maps: torch.Tensor) -> dict:
@@ -1235,76 +1235,11 @@ def csv_text(rows: list[list]) -> str:
     return buf.getvalue()
 
 
-# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per
-# dataset: the source, then one column per method, {category: value, "mean": over all categories}.
-PEER_AUROC = {
-    "mvtec": ("the Patch AE paper, Table 1", {
-        "paper Patch AE": {
-            "bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
-            "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
-            "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
-            "mean": 99.48},
-        "paper PatchCore-1": {
-            "bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
-            "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
-            "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
-            "mean": 99.36}}),
-    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', "
-             "PatchCore row; no Patch AE number is published for VisA", {
-        "IM-IAD PatchCore": {
-            "candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
-            "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
-            "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
-    "mvtec2": ("none listed here", {}),
-}
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
-
-
-def published(dataset: str, category: str) -> dict:
-    """Their published image AUROC (PEER_AUROC) for a category or 'mean': column -> value."""
-    return {name: values.get(category) for name, values in PEER_AUROC[dataset][1].items()}
-
-
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    mean = float(np.mean(values)) if values else None
-    return mean, (float(np.std(values)) if len(values) > 1 else None)
-
-
-def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
-    """One row per category (mean +- std over seeds; the untrained encoder's means beside), then
-    a mean row when several categories ran, with the published peer numbers."""
-    rows = []
-    for cat in dict.fromkeys(r["category"] for r in runs):
-        group, row = [r for r in runs if r["category"] == cat], {"category": cat}
-        row["seeds"] = " ".join(str(r["seed"]) for r in group)
-        row["selected_epochs"] = " ".join(str(r["selected_epoch"]) for r in group)
-        row["protocol"] = "; ".join(dict.fromkeys(r["protocol"] for r in group))
-        for m in (*METRICS, "train_seconds", "ms_per_image"):
-            row[m], row[m + "_std"] = mean_std([r[m] for r in group])
-        for m in METRICS:
-            values = [r["untrained"][m] for r in group if r["untrained"] is not None]
-            row["untrained_" + m] = mean_std(values)[0]
-        rows.append({**row, **published(dataset, cat)})
-    if len(rows) > 1:
-        mean = {"category": "mean", "seeds": "", "selected_epochs": "",
-                "protocol": "; ".join(dict.fromkeys(r["protocol"] for r in rows))}
-        for m in (*METRICS, "train_seconds", "ms_per_image", *("untrained_" + m for m in METRICS)):
-            mean[m] = mean_std([r[m] for r in rows])[0]
-            mean[m + "_std"] = None
-        # their mean is over all the dataset's categories: shown only when we ran all of them
-        ran = {r["category"] for r in rows}
-        full = all(ran >= set(v) - {"mean"} for v in PEER_AUROC[dataset][1].values())
-        theirs = published(dataset, "mean")
-        rows.append({**mean, **{name: v if full else None for name, v in theirs.items()}})
-    return rows
-
-
 def write_results(runs: list[dict], dataset: str, out: Path) -> tuple[list, list, list]:
     """Prints the table and writes results.json (every run's record) and results.csv (the table's
     rows). Returns the table's cells for the report."""
-    rows = summarize(runs, dataset)
-    source, peers = PEER_AUROC[dataset]
+    rows = report.summarize(runs, dataset)
+    source, peers = report.PEER_AUROC[dataset]
     table = report.table_cells(rows, list(peers), source)
     print(report.table_text(*table))
     results = runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}
@@ -1539,7 +1474,8 @@ def categories_and_seeds(cfg: Config, root: Path):
 def record(cfg: Config, category: str, seed: int, data: Category, model: dict, result: dict,
            device: torch.device) -> dict:
     """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
-    theirs = {**published(cfg.dataset, category), "source": PEER_AUROC[cfg.dataset][0]}
+    theirs = {**report.published(cfg.dataset, category),
+              "source": report.PEER_AUROC[cfg.dataset][0]}
     return {"dataset": cfg.dataset, "category": category, "seed": seed, **result,
             **{key: model[key] for key in RUN_FIELDS}, "n_test": len(data.test),
             "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),

@@ -53,10 +53,75 @@ def fmt(v, digits: int = 1, scale: float = 100) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The printed result line and table (results.csv keeps the table's numbers)
+# The printed result line and table: the runs summarised per category (results.csv keeps the
+# rows), with the published numbers beside ours
 # ------------------------------------------------------------------------------------------------
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 METRIC_NAMES = ("image AUROC", "pixel AUROC", "pixel AUPRO@30%")
+
+
+# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per
+# dataset: the source, then one column per method, {category: value, "mean": over all categories}.
+PEER_AUROC = {
+    "mvtec": ("the Patch AE paper, Table 1", {
+        "paper Patch AE": {
+            "bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
+            "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
+            "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
+            "mean": 99.48},
+        "paper PatchCore-1": {
+            "bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
+            "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
+            "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
+            "mean": 99.36}}),
+    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', "
+             "PatchCore row; no Patch AE number is published for VisA", {
+        "IM-IAD PatchCore": {
+            "candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
+            "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
+            "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
+    "mvtec2": ("none listed here", {}),
+}
+
+
+def published(dataset: str, category: str) -> dict:
+    """Their published image AUROC (PEER_AUROC) for a category or 'mean': column -> value."""
+    return {name: values.get(category) for name, values in PEER_AUROC[dataset][1].items()}
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    mean = float(np.mean(values)) if values else None
+    return mean, (float(np.std(values)) if len(values) > 1 else None)
+
+
+def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
+    """One row per category (mean +- std over seeds; the untrained encoder's means beside), then
+    a mean row when several categories ran, with the published peer numbers."""
+    rows = []
+    for cat in dict.fromkeys(r["category"] for r in runs):
+        group, row = [r for r in runs if r["category"] == cat], {"category": cat}
+        row["seeds"] = " ".join(str(r["seed"]) for r in group)
+        row["selected_epochs"] = " ".join(str(r["selected_epoch"]) for r in group)
+        row["protocol"] = "; ".join(dict.fromkeys(r["protocol"] for r in group))
+        for m in (*METRICS, "train_seconds", "ms_per_image"):
+            row[m], row[m + "_std"] = mean_std([r[m] for r in group])
+        for m in METRICS:
+            values = [r["untrained"][m] for r in group if r["untrained"] is not None]
+            row["untrained_" + m] = mean_std(values)[0]
+        rows.append({**row, **published(dataset, cat)})
+    if len(rows) > 1:
+        mean = {"category": "mean", "seeds": "", "selected_epochs": "",
+                "protocol": "; ".join(dict.fromkeys(r["protocol"] for r in rows))}
+        for m in (*METRICS, "train_seconds", "ms_per_image", *("untrained_" + m for m in METRICS)):
+            mean[m] = mean_std([r[m] for r in rows])[0]
+            mean[m + "_std"] = None
+        # their mean is over all the dataset's categories: shown only when we ran all of them
+        ran = {r["category"] for r in rows}
+        full = all(ran >= set(v) - {"mean"} for v in PEER_AUROC[dataset][1].values())
+        theirs = published(dataset, "mean")
+        rows.append({**mean, **{name: v if full else None for name, v in theirs.items()}})
+    return rows
 
 
 def change(trained, untrained) -> str:
@@ -151,8 +216,12 @@ def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale:
     return np.concatenate(row, axis=1)
 
 
-def colour_bar(scale: dict, mid_name: str) -> str:
-    """The heatmaps' colour bar as inline SVG, the value at each end and at the middle marked."""
+def colour_bar(scale: dict, threshold: bool) -> str:
+    """The heatmaps' colour bar as inline SVG, the value at each end and at the middle marked,
+    and what the middle is: with a threshold, its level on the maps."""
+    mid_name = (f"middle: the {scale['quantile']:g} quantile of the highest map values of "
+                f"{scale['source']}" + (", the threshold's level on the maps" if threshold else "")
+                if scale.get("quantile") else f"middle: halfway up {scale['source']}")
     low, mid = scale["low"], scale["mid"]
     stops = "".join(f'<stop offset="{k / (len(JET) - 1):.2f}" stop-color="rgb'
                     f'{tuple(int(255 * c) for c in rgb)}"/>' for k, rgb in enumerate(JET))
@@ -362,8 +431,8 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
     roc = "<p>ROC: not defined, the test set holds one class only.</p>"
     if len(normal) and len(defect):
         curves = [(kept, scores, "blue")]
-        if untrained_scores is not None and sel != 0:
-            curves.append(("untrained encoder", untrained_scores, "darkorange"))
+        if untrained_scores is not None and sel != 0:  # drawn first, so the kept one lies on top
+            curves.insert(0, ("untrained encoder", untrained_scores, "darkorange"))
         series = [(name, *roc_curve(labels, s)[:2], colour) for name, s, colour in curves]
         roc = svg_plot("ROC of the image scores", "false positive rate",
                        series + [("chance", [0, 1], [0, 1], "#bbb")])
@@ -381,7 +450,6 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
              + ("Where the reconstruction also rebuilds the defect, the features describe it, "
                 "which is the paper's idea; " if reconstruction else "")
              + "the heat is each patch's distance to its nearest normal feature.")
-    mid_name = f"middle: what the normal images reach, from {scale['source']}"
     return "".join([
         f"<h2>{esc(r['category'])}, seed {esc(r['seed'])}</h2><p>{summary}</p>",
         "<h3>What training changed</h3>", table,
@@ -390,7 +458,7 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
         "<h3>Image scores</h3>",
         f'<div class="plots">{roc}{histogram}</div>',
         f"<p>{esc(verdict)}</p>",
-        f"<h3>Pictures</h3><p>{esc(guide)}</p>", colour_bar(scale, mid_name),
+        f"<h3>Pictures</h3><p>{esc(guide)}</p>", colour_bar(scale, thr is not None),
         galleries(labels, scores, thr, names, picture, n)])
 
 
@@ -401,7 +469,7 @@ def predictions_section(folder: str, scores: np.ndarray, thr: float | None, flag
     [(pixels, caption)]) and every file that could not be read, with its reason."""
     unread = "".join(f"<p><b>{esc(path)}</b>: {esc(why)}</p>" for path, why in errors.items())
     recon = " | reconstruction" if reconstruction else " (the model file has no decoder)"
-    colours = (colour_bar(scale, f"middle: what the normal images reach, from {scale['source']}")
+    colours = (colour_bar(scale, thr is not None)
                if scale else "<p>Each heatmap is coloured from its own lowest to its highest "
                "pixel: the model has no held-out normal images to anchor the colours.</p>")
     return "".join([

@@ -325,14 +325,15 @@ def test_peer_mean_is_shown_only_when_every_category_ran():
     run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None,
            "train_seconds": 1.0, "ms_per_image": 1.0, "protocol": "test", "selected_epoch": 1,
            "untrained": None}
-    objects = [c for c in pa.PEER_AUROC["visa"][1]["IM-IAD PatchCore"] if c != "mean"]
+    objects = [c for c in report.PEER_AUROC["visa"][1]["IM-IAD PatchCore"] if c != "mean"]
     assert len(objects) == 12
-    rows = pa.summarize([dict(run, category=c) for c in objects], "visa")
+    rows = report.summarize([dict(run, category=c) for c in objects], "visa")
     assert rows[-1]["category"] == "mean" and rows[-1]["IM-IAD PatchCore"] == 95.1
     assert rows[-1]["image_auroc"] == pytest.approx(0.9)
-    rows = pa.summarize([dict(run, category=c) for c in objects[1:]], "visa")
+    rows = report.summarize([dict(run, category=c) for c in objects[1:]], "visa")
     assert rows[-1]["IM-IAD PatchCore"] is None
-    published = [v for c, v in pa.PEER_AUROC["visa"][1]["IM-IAD PatchCore"].items() if c != "mean"]
+    listed = report.PEER_AUROC["visa"][1]["IM-IAD PatchCore"]
+    published = [v for c, v in listed.items() if c != "mean"]
     assert round(sum(published) / 12, 1) == 95.1  # the listed mean is the mean of the listed values
 
 
@@ -1441,8 +1442,9 @@ def test_predict_heatmap_colours_use_the_models_scale_else_each_images_own(tiny_
 
 def test_readme_dataset_commands_parse():
     cfgs = [pa.parse_config(argv)[0] for argv in readme_commands("Data layout")]
-    assert [c.dataset for c in cfgs[:3]] == ["visa", "mvtec2", "mvtec2"]
-    assert cfgs[0].category == "all"
+    assert [c.dataset for c in cfgs] == ["mvtec", "visa", "mvtec2", "mvtec"]  # the last: --load
+    assert cfgs[0].category == "all" and cfgs[0].seed == [0, 1, 2]
+    assert (cfgs[0].holdout, cfgs[0].select) == (0.0, "last")  # the paper's protocol, as it says
     assert cfgs[3].load == cfgs[2].save and cfgs[3].predict.endswith("/can/test_private")
 
 
