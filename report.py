@@ -37,6 +37,7 @@ figure{display:inline-block;margin:6px 8px 6px 0;vertical-align:top;max-width:10
 figure img{max-width:100%;height:auto}
 figcaption{font-size:13px}
 .note{color:#555}
+@media (max-width:600px){body{padding:4px 8px}th,td{padding:2px 3px;font-size:12px}}
 """
 
 
