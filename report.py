@@ -220,9 +220,13 @@ def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale:
 def colour_bar(scale: dict, threshold: bool) -> str:
     """The heatmaps' colour bar as inline SVG, the value at each end and at the middle marked,
     and what the middle is: with a threshold, its level on the maps."""
-    mid_name = (f"middle: the {scale['quantile']:g} quantile of the highest map values of "
-                f"{scale['source']}" + (", the threshold's level on the maps" if threshold else "")
-                if scale.get("quantile") else f"middle: halfway up {scale['source']}")
+    if scale.get("quantile"):
+        mid_name = (f"middle: the {scale['quantile']:g} quantile of the highest map values of "
+                    f"{scale['source']}")
+        if threshold:
+            mid_name += ", the threshold's level on the maps"
+    else:
+        mid_name = f"middle: halfway up {scale['source']}"
     low, mid = scale["low"], scale["mid"]
     stops = "".join(f'<stop offset="{k / (len(JET) - 1):.2f}" stop-color="rgb'
                     f'{tuple(int(255 * c) for c in rgb)}"/>' for k, rgb in enumerate(JET))
@@ -248,8 +252,8 @@ def jpeg_uri(pixels: np.ndarray) -> str:
 def nice_ticks(lo: float, hi: float, integer: bool = False, n: int = 5) -> list[float]:
     """About n round tick values (1, 2 or 5 times a power of ten apart) within [lo, hi]."""
     raw = (hi - lo) / max(n - 1, 1) or 1.0
-    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)
-                if m * 10 ** math.floor(math.log10(raw)) >= raw), default=raw)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     step = max(1.0, round(step)) if integer else step
     first = math.ceil(lo / step - 1e-9) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
@@ -257,7 +261,8 @@ def nice_ticks(lo: float, hi: float, integer: bool = False, n: int = 5) -> list[
 
 def tick_text(v: float, step: float) -> str:
     """A tick label in plain digits, as many decimals as the step needs (never 3.3e+03)."""
-    return f"{v:.{max(0, -math.floor(math.log10(step))) if step < 1 else 0}f}"
+    decimals = -math.floor(math.log10(step)) if step < 1 else 0
+    return f"{v:.{decimals}f}"
 
 
 def svg_plot(title: str, xlabel: str, series: list, marks: list = (),
