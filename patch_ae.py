@@ -1145,11 +1145,13 @@ def own_scale(maps: torch.Tensor) -> dict:
 
 
 def picture(model: dict, image: torch.Tensor, amap: torch.Tensor, scale: dict,
-            device: torch.device, mask: torch.Tensor | None = None) -> np.ndarray:
+            device: torch.device, mask: torch.Tensor | None = None,
+            reconstruction: bool = True) -> np.ndarray:
     """One picture as report.html and --save-maps show it: input | the decoder's reconstruction
-    (when the model has its decoder) | heatmap over the input | ground-truth mask (if any)."""
+    (when the model has its decoder; --predict's PNGs leave it out, to spare a second forward
+    pass per image) | heatmap over the input | ground-truth mask (if any)."""
     recon = None
-    if model.get("decoder") is not None:
+    if reconstruction and model.get("decoder") is not None:
         recon = reconstruct(model["encoder"], model["decoder"], image[None], device)[0]
         recon = recon.permute(1, 2, 0).numpy()
     return report.panels(image.permute(1, 2, 0).numpy(), recon, amap.numpy(), scale,
@@ -1295,12 +1297,16 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device,
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim
     initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
+
+    def bank_of(encoder: nn.Module, desc: str = "features") -> torch.Tensor:
+        """One construction for both encoders: the training images, the coreset ratio, the seed."""
+        features = extract_features(encoder, train, cfg.batch_size, device, desc)
+        return build_memory_bank(features, cfg.coreset_ratio, seed)
     t0 = clock(device)
     val = make_validation(held, train, seed) if len(held) else None
     training = train_patch_ae(model, train, cfg, device, val)
     t1 = clock(device)
-    features = extract_features(model.encoder, train, cfg.batch_size, device)
-    bank = build_memory_bank(features, cfg.coreset_ratio, seed)
+    bank = bank_of(model.encoder)
     t2 = clock(device)
     print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {t2 - t1:.1f}s; "
           f"training + bank {t2 - t0:.1f}s", flush=True)
@@ -1308,9 +1314,7 @@ def fit(cfg: Config, data: Category, seed: int, device: torch.device,
     if untrained and training["selected_epoch"] == 0:  # the kept encoder is the untrained one
         epoch0 = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
     elif untrained:
-        initial.to(device)
-        features = extract_features(initial, train, cfg.batch_size, device, "untrained encoder")
-        epoch0 = {"encoder": initial, "bank": build_memory_bank(features, cfg.coreset_ratio, seed)}
+        epoch0 = {"encoder": initial.to(device), "bank": bank_of(initial, "untrained encoder")}
         epoch0["seconds"] = clock(device) - t2
     threshold, scale = None, None
     if len(held):  # from normal images alone: the THRESHOLD_QUANTILE quantile of their scores
@@ -1408,8 +1412,7 @@ def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
             all_scores.append(float(s))
             colours = scale or own_scale(amap)
             save_heatmap(out / "heatmaps" / rel.with_name(rel.name + ".png"),
-                         report.panels(image.permute(1, 2, 0).numpy(), None, amap.numpy(),
-                                       colours))
+                         picture(model, image, amap, colours, device, reconstruction=False))
             top = sorted(top + [(float(s), str(rel), image, amap, colours)],
                          key=lambda t: -t[0])[:cfg.report_images]
     atomic_save(csv_text(rows), out / "predictions.csv")
