@@ -126,8 +126,12 @@ def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
 
 
 def change(trained, untrained) -> str:
-    """What training changed, in points: '+1.2', or 'n/a'."""
-    return "n/a" if trained is None or untrained is None else f"{(trained - untrained) * 100:+.1f}"
+    """What training changed, in points: '+1.2', or 'n/a'. The difference of the two values as
+    fmt() shows them, so that the printed numbers add up (87.4 and 87.7 give -0.3, not -0.2)."""
+    shown = (fmt(trained), fmt(untrained))
+    if "n/a" in shown:
+        return "n/a"
+    return f"{float(shown[0]) - float(shown[1]):+.1f}"
 
 
 def kept_label(epoch: int | None) -> str:
@@ -399,8 +403,7 @@ def training_sentence(selected_epoch: int | None, comparison: list) -> str:
     rows = [(name, u, t) for name, u, t in comparison if u is not None and t is not None]
     if not rows:
         return "The untrained encoder is scored only in runs that train (this model was loaded)."
-    changes = [f"{name} by {100 * (t - u):+.1f} points ({fmt(u)} to {fmt(t)})"
-               for name, u, t in rows]
+    changes = [f"{name} by {change(t, u)} points ({fmt(u)} to {fmt(t)})" for name, u, t in rows]
     return "Training changed " + ", ".join(changes) + "."
 
 
