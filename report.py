@@ -134,6 +134,19 @@ def change(trained, untrained) -> str:
     return f"{float(shown[0]) - float(shown[1]):+.1f}"
 
 
+def flagged(score, threshold):
+    """The decision rule, the one place it is written: an image is flagged when its score is at or
+    above the threshold. score: a float or an array of them (then an array of bools)."""
+    return score >= threshold
+
+
+def verdict(score: float, threshold: float | None) -> str:
+    """One image's decision in a word: 'flagged', 'normal', or 'no threshold' when there is none."""
+    if threshold is None:
+        return "no threshold"
+    return "flagged" if flagged(score, threshold) else "normal"
+
+
 def kept_label(epoch: int | None) -> str:
     """Which encoder a run's numbers come from, in words: epoch 0 is the untrained encoder."""
     if epoch == 0:
@@ -358,9 +371,10 @@ def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, n
     false alarms (normal images at or above the threshold) and the misses (defects below it),
     or, where there are none or no threshold, the highest-scoring normal and the lowest-scoring
     defective images under headings that say so."""
-    order = np.argsort(-scores, kind="stable")
-    defects = [i for i in order if labels[i]]
-    normals = [i for i in order if not labels[i]]
+    falling = np.argsort(-scores, kind="stable")  # highest first, ties in file order
+    rising = np.argsort(scores, kind="stable")    # lowest first, ties in file order
+    defects, lowest_defects = [i for i in falling if labels[i]], [i for i in rising if labels[i]]
+    normals = [i for i in falling if not labels[i]]
 
     def entries(indices):
         return [(picture(i), f"{names[i]}: {'defect' if labels[i] else 'normal'}, score "
@@ -372,10 +386,10 @@ def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, n
         parts.append(gallery("Highest-scoring normal images (no threshold, so no false alarms "
                              "to name)", entries(normals), no_normal))
         parts.append(gallery("Lowest-scoring defective images (no threshold, so no misses to "
-                             "name)", entries(defects[::-1]), no_defect))
+                             "name)", entries(lowest_defects), no_defect))
         return "".join(parts)
-    alarms = [i for i in normals if scores[i] >= threshold]
-    misses = [i for i in defects[::-1] if scores[i] < threshold]
+    alarms = [i for i in normals if flagged(scores[i], threshold)]
+    misses = [i for i in lowest_defects if not flagged(scores[i], threshold)]
     if alarms:
         parts.append(gallery(f"False alarms: normal images at or above the threshold "
                              f"({len(alarms)})", entries(alarms), no_normal))
@@ -387,7 +401,7 @@ def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, n
                              entries(misses), no_defect))
     else:
         parts.append(gallery("Lowest-scoring defective images: none below the threshold",
-                             entries(defects[::-1]), no_defect))
+                             entries(lowest_defects), no_defect))
     return "".join(parts)
 
 
@@ -445,14 +459,15 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
         series = [(name, *roc_curve(labels, s)[:2], colour) for name, s, colour in curves]
         roc = svg_plot("ROC of the image scores", "false positive rate",
                        series + [("chance", [0, 1], [0, 1], "#bbb")])
-    verdict = ("No threshold: no normal image was held out to fit one (the paper's protocol; "
-               "--holdout 0.1 gives one).")
+    decision = ("No threshold: no normal image was held out to fit one (the paper's protocol; "
+                "--holdout 0.1 gives one).")
     if thr is not None:
-        missed = (f"misses {int((defect < thr).sum())} of {len(defect)} defective images"
-                  if len(defect) else "no defective test image to miss")
-        verdict = (f"Threshold {thr:.4g} (from the held-out normal images): flags "
-                   f"{int((normal >= thr).sum())} of {len(normal)} normal test images, {missed}; "
-                   f"F1 {fmt(r['f1_at_threshold'])}.")
+        alarms, misses = int(flagged(normal, thr).sum()), int((~flagged(defect, thr)).sum())
+        missed = (f"misses {misses} of {len(defect)} defective images" if len(defect) else
+                  "no defective test image to miss")
+        decision = (f"Threshold {thr:.4g} (from the held-out normal images): flags {alarms} of "
+                    f"{len(normal)} normal test images, {missed}; "
+                    f"F1 {fmt(r['f1_at_threshold'])}.")
     recon = " | reconstruction (the decoder's output for that image)" if reconstruction else ""
     mask = " | ground-truth mask" if masks else " (this test set has no masks)"
     guide = (f"Each picture: input{recon} | heatmap over the input{mask}. "
@@ -466,7 +481,7 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
         "<h3>Training</h3>", f'<div class="plots">{"".join(plots)}</div>',
         "<h3>Image scores</h3>",
         f'<div class="plots">{roc}{histogram}</div>',
-        f"<p>{esc(verdict)}</p>",
+        f"<p>{esc(decision)}</p>",
         f"<h3>Pictures</h3><p>{esc(guide)}</p>", colour_bar(scale, thr is not None),
         galleries(labels, scores, thr, names, picture, n)])
 

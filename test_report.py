@@ -1,5 +1,10 @@
 """Tests for report.py: the page's text, the gallery rule and the pictures, on made-up numbers
 (no model, no torch). Run: pytest -q test_report.py"""
+import html
+import re
+
+import numpy as np
+
 import report
 
 
@@ -16,3 +21,50 @@ def test_change_is_the_difference_of_the_shown_values():
     assert cells[0][header.index("image AUROC")] == "87.4 (87.7, -0.3)"
     sentence = report.training_sentence(10, [("image AUROC", 0.8766, 0.8744)])
     assert sentence == "Training changed image AUROC by -0.3 points (87.7 to 87.4)."
+
+
+def gallery_captions(page: str) -> dict:
+    """galleries() HTML -> {heading: the image names in its captions, in order}."""
+    shown = {}
+    for part in page.split("<h3>")[1:]:
+        heading, body = part.split("</h3>", 1)
+        shown[html.unescape(heading)] = re.findall(r"<figcaption>([^:<]*):", body)
+    return shown
+
+
+def galleries(labels, scores, threshold, n=10) -> dict:
+    names = [f"img{i}" for i in range(len(scores))]
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    return gallery_captions(report.galleries(np.array(labels), np.array(scores), threshold, names,
+                                             lambda i: pixels, n))
+
+
+def test_an_image_scoring_exactly_the_threshold_is_flagged():
+    assert report.flagged(0.5, 0.5) and not report.flagged(0.4999, 0.5)
+    assert list(report.flagged(np.array([0.4, 0.5, 0.6]), 0.5)) == [False, True, True]
+    assert report.verdict(0.5, 0.5) == "flagged" and report.verdict(0.49, 0.5) == "normal"
+    assert report.verdict(0.5, None) == "no threshold"
+
+
+def test_galleries_at_the_threshold_a_normal_image_is_a_false_alarm_and_a_defect_no_miss():
+    # img0: a normal image exactly at the threshold, a false alarm; img2: a defect exactly at it,
+    # flagged, so not a miss; img3: a defect below it, the one miss
+    shown = galleries([0, 0, 1, 1], [0.5, 0.1, 0.5, 0.2], 0.5)
+    assert shown["False alarms: normal images at or above the threshold (1)"] == ["img0"]
+    assert shown["Misses: defective images below the threshold (1)"] == ["img3"]
+    # every defect at or above it: no misses, and the heading says so
+    shown = galleries([0, 1, 1], [0.1, 0.5, 0.9], 0.5)
+    assert "Lowest-scoring defective images: none below the threshold" in shown
+
+
+def test_misses_are_listed_lowest_score_first():
+    labels = [1, 1, 1, 1, 0, 1]
+    scores = [0.4, 0.1, 0.3, 0.9, 0.2, 0.1]
+    shown = galleries(labels, scores, 0.5)
+    assert shown["Misses: defective images below the threshold (4)"] == ["img1", "img5", "img2",
+                                                                           "img0"]
+    assert galleries(labels, scores, 0.5, n=2)["Misses: defective images below the threshold "
+                                                 "(4)"] == ["img1", "img5"]  # the lowest two
+    no_threshold = galleries(labels, scores, None)
+    assert no_threshold["Lowest-scoring defective images (no threshold, so no misses to name)"] \
+        == ["img1", "img5", "img2", "img0", "img3"]
