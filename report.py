@@ -234,33 +234,51 @@ def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale:
     return np.concatenate(row, axis=1)
 
 
-def colour_bar(scale: dict, threshold: bool) -> str:
-    """The heatmaps' colour bar as inline SVG, the value at each end and at the middle marked,
-    and what the middle is: with a threshold, its level on the maps."""
-    if scale.get("quantile"):
-        mid_name = (f"middle: the {scale['quantile']:g} quantile of the highest map values of "
-                    f"{scale['source']}")
-        if threshold:
-            mid_name += ", the threshold's level on the maps"
-    else:
-        mid_name = f"middle: halfway up {scale['source']}"
+def scale_ticks(scale: dict) -> list[tuple[float, float]]:
+    """The colour scale's marked values, (position on the colour map in [0, 1], value): 'low' at
+    0, 'mid' at the middle, and the value that heat_position puts at the red end."""
     low, mid = scale["low"], scale["mid"]
-    stops = "".join(f'<stop offset="{k / (len(JET) - 1):.2f}" stop-color="rgb'
-                    f'{tuple(int(255 * c) for c in rgb)}"/>' for k, rgb in enumerate(JET))
-    ticks = [(20, low, "start"), (320, mid, "middle"), (620, 2 * mid - low, "end")]
-    labels = "".join(f'<text x="{x}" y="46" text-anchor="{anchor}">{v:.4g}</text>'
-                     for x, v, anchor in ticks)
-    return (f'<svg class="bar" viewBox="0 0 640 70" font-size="12" font-family="sans-serif">'
-            f'<defs><linearGradient id="jet">{stops}</linearGradient></defs>'
-            f'<rect x="20" y="8" width="600" height="22" fill="url(#jet)"/>'
-            f'<line x1="320" y1="4" x2="320" y2="34" stroke="black" stroke-width="2"/>{labels}'
-            f'<text x="320" y="64" text-anchor="middle">{esc(mid_name)}</text></svg>')
+    return [(0.0, low), (0.5, mid), (1.0, 2 * mid - low)]
 
 
-def jpeg_uri(pixels: np.ndarray) -> str:
+def middle_text(scale: dict) -> str:
+    """What the colour map's middle is, from the scale's own record: a quantile of some normal
+    images' map peaks (the highest value of each blurred map), else halfway up a range. Not the
+    threshold, which is a quantile of image scores, a different number."""
+    if scale.get("quantile"):
+        return (f"middle: the maps of {100 * scale['quantile']:g}% of {scale['source']} peak "
+                f"below this value")
+    return f"middle: halfway up {scale['source']}"
+
+
+def ramp(width: int) -> np.ndarray:
+    """The colour map from its low to its high end: (1, width, 3) uint8."""
+    return colorize(np.linspace(0, 1, width))[None]
+
+
+def colour_bar(scale: dict, threshold: bool) -> str:
+    """The heatmaps' colour bar as inline SVG: the ramp as a PNG (no gradient id, which would
+    repeat when a page holds several bars), the values at its ends and middle, what the middle
+    is, and, with a threshold, that the threshold is not on this scale."""
+    ticks = "".join(f'<text x="{20 + 600 * at:g}" y="46" text-anchor="{anchor}">{v:.4g}</text>'
+                    for (at, v), anchor in zip(scale_ticks(scale), ("start", "middle", "end")))
+    lines = [middle_text(scale)]
+    if threshold:
+        lines.append("the threshold applies to image scores, not to these colours")
+    notes = "".join(f'<text x="320" y="{64 + 16 * k}" text-anchor="middle">{esc(line)}</text>'
+                    for k, line in enumerate(lines))
+    return (f'<svg class="bar" viewBox="0 0 640 {54 + 16 * len(lines)}" font-size="12" '
+            f'font-family="sans-serif"><image x="20" y="8" width="600" height="22" '
+            f'preserveAspectRatio="none" href="{image_uri(ramp(600), "PNG")}"/>'
+            f'<line x1="320" y1="4" x2="320" y2="34" stroke="black" stroke-width="2"/>{ticks}'
+            f'{notes}</svg>')
+
+
+def image_uri(pixels: np.ndarray, kind: str = "JPEG") -> str:
+    """(H, W, 3) uint8 -> a data: URI, JPEG for the pictures, PNG where colours must be exact."""
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    Image.fromarray(pixels).save(buf, kind, **({"quality": 85} if kind == "JPEG" else {}))
+    return f"data:image/{kind.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,7 +377,7 @@ def html_table(header: list, rows: list, notes: list = ()) -> str:
 # ------------------------------------------------------------------------------------------------
 def gallery(title: str, entries: list, empty: str) -> str:
     """entries: [(pixels (H, W, 3) uint8, caption)]; `empty` says why there are none."""
-    figures = "".join(f'<figure><img src="{jpeg_uri(pixels)}" alt="{esc(caption)}">'
+    figures = "".join(f'<figure><img src="{image_uri(pixels)}" alt="{esc(caption)}">'
                       f'<figcaption>{esc(caption)}</figcaption></figure>'
                       for pixels, caption in entries)
     return f"<h3>{esc(title)}</h3>" + (figures or f"<p>{esc(empty)}</p>")

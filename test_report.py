@@ -1,9 +1,12 @@
 """Tests for report.py: the page's text, the gallery rule and the pictures, on made-up numbers
 (no model, no torch). Run: pytest -q test_report.py"""
+import base64
 import html
+import io
 import re
 
 import numpy as np
+from PIL import Image
 
 import report
 
@@ -68,3 +71,35 @@ def test_misses_are_listed_lowest_score_first():
     no_threshold = galleries(labels, scores, None)
     assert no_threshold["Lowest-scoring defective images (no threshold, so no misses to name)"] \
         == ["img1", "img5", "img2", "img0", "img3"]
+
+
+HELD_OUT = {"low": 0.1, "mid": 0.3, "source": "the held-out normal images", "quantile": 0.99}
+
+
+def test_the_colour_bars_middle_is_named_for_what_it_is_not_the_threshold():
+    for threshold in (True, False):
+        bar = report.colour_bar(HELD_OUT, threshold)
+        assert "middle: the maps of 99% of the held-out normal images peak below this value" in bar
+        assert "level on the maps" not in bar
+        said = re.findall(r"<text[^>]*>([^<]*)</text>", bar)
+        assert said[:3] == ["0.1", "0.3", "0.5"]  # low, mid, and 2 mid - low at the red end
+        # the only sentence with the word threshold says the colours are not on its scale
+        assert [t for t in said if "threshold" in t] == (
+            ["the threshold applies to image scores, not to these colours"] if threshold else [])
+
+
+def test_the_colour_bar_names_the_scales_source_and_nothing_else():
+    bar = report.colour_bar({"low": 0.0, "mid": 2.0, "source": "the test set's own range"}, False)
+    assert "middle: halfway up the test set&#x27;s own range" in bar
+    assert "map&#x27;s own" not in bar and "quantile" not in bar
+
+
+def test_a_page_with_several_colour_bars_repeats_no_id(tmp_path):
+    sections = [report.colour_bar(HELD_OUT, True), report.colour_bar(HELD_OUT, False)]
+    report.write_report(tmp_path / "report.html", "two runs", sections)
+    ids = re.findall(r"""\bid=["']([^"']*)""", (tmp_path / "report.html").read_text("utf-8"))
+    assert len(ids) == len(set(ids))
+    uri = re.search(r'href="data:image/png;base64,([^"]*)"', sections[0]).group(1)
+    ramp = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))))
+    assert np.array_equal(ramp, report.ramp(600))  # the heatmaps' colours, exactly
+    assert ramp[0, 0, 2] > 100 and ramp[0, 0, 0] == 0 and ramp[0, -1, 0] > 100  # blue to red
