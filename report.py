@@ -535,6 +535,15 @@ def write_report(path: Path, title: str, sections: list[str]) -> None:
             f"{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(sections)}</body></html>")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(page)
+    tmp.write_text(page, encoding="utf-8")  # as its <meta charset> says, whatever the locale
     os.replace(tmp, path)
-    print(f"report: {path} ({path.stat().st_size / 2**20:.1f} MB)", flush=True)
+    print(f"report: {path} ({size_text(path.stat().st_size)})", flush=True)
+
+
+def size_text(n_bytes: int) -> str:
+    """A file's size for a person: '800 bytes', '40 KB', '1.3 MB' (1,024 bytes a KB)."""
+    if n_bytes < 1024:
+        return f"{n_bytes} bytes"
+    if n_bytes < 1000 * 1024:  # from 1,000 KB on, in MB: never '1024 KB'
+        return f"{n_bytes / 1024:.0f} KB"
+    return f"{n_bytes / 2**20:.1f} MB"

@@ -3,7 +3,11 @@
 import base64
 import html
 import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -103,3 +107,30 @@ def test_a_page_with_several_colour_bars_repeats_no_id(tmp_path):
     ramp = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))))
     assert np.array_equal(ramp, report.ramp(600))  # the heatmaps' colours, exactly
     assert ramp[0, 0, 2] > 100 and ramp[0, 0, 0] == 0 and ramp[0, -1, 0] > 100  # blue to red
+
+
+def test_sizes_read_in_the_unit_that_shows_them():
+    assert report.size_text(800) == "800 bytes"
+    assert report.size_text(40 * 1024) == "40 KB"
+    assert report.size_text(999 * 1024) == "999 KB"
+    assert report.size_text(1000 * 1024) == "1.0 MB"
+    assert report.size_text(int(1.3 * 2**20)) == "1.3 MB"
+
+
+def test_write_report_says_a_small_pages_size_in_kb(tmp_path, capsys):
+    report.write_report(tmp_path / "report.html", "a page", ["<p>" + "x" * 40_000 + "</p>"])
+    assert capsys.readouterr().out == f"report: {tmp_path / 'report.html'} (40 KB)\n"
+
+
+def test_the_page_is_utf8_whatever_the_locale(tmp_path):
+    """Under the C locale (ASCII; UTF-8 mode and locale coercion off) the page is still written,
+    as UTF-8, the encoding its <meta charset> declares."""
+    title = "Prüfung: 99 % ≥ Schwelle"
+    code = (f"import report, pathlib; report.write_report(pathlib.Path({str(tmp_path)!r}) / "
+            f"'report.html', {title!a}, [])")  # ascii: the C locale's argv
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(report.__file__).parent)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    page = (tmp_path / "report.html").read_bytes().decode("utf-8")
+    assert "<meta charset='utf-8'>" in page and f"<title>{title}</title>" in page
