@@ -39,12 +39,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from cli import HelpFormatter, Parser, UsageError, add_config_flags
+from layouts import LAYOUTS
 from patch_ae import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, KNN_BLOCK_MB, Backbone, Category,
-                      Encoder, HelpFormatter, Parser, UsageError, add_config_flags, anomaly_maps,
-                      atomic_save, build_memory_bank, clock, compute_metrics, extract_features,
-                      fit, flatten_patches, greedy_coreset, image_scores, knn_scores,
-                      load_backbone, load_category, make_config, make_synthetic_category,
-                      patch_scores, pick_device, seed_everything, torchvision_classifier)
+                      Config, Encoder, anomaly_maps, atomic_save, build_memory_bank, clock,
+                      compute_metrics, extract_features, fit, flatten_patches, greedy_coreset,
+                      image_scores, knn_scores, load_backbone, load_category, make_config,
+                      make_synthetic_category, patch_scores, pick_device, seed_everything,
+                      torchvision_classifier)
 from report import fmt
 
 MB = 2**20
@@ -248,7 +250,7 @@ def timed_pass(method: dict, images: torch.Tensor, args,
 
 def fit_patch_ae(data: Category, args, device: torch.device, meter: MemoryMeter) -> dict:
     start = meter.start()
-    model = fit(args.patch_ae, data, args.seed, device, untrained=False)
+    model = fit(args.patch_ae, data.train, args.seed, device, untrained=False)  # no validation
     fit_info = {"fit_s": model["train_seconds"], "bank_s": model["bank_seconds"],
                 "n_train": model["n_train"], "coreset_ratio": args.coreset_ratio,
                 **meter.phase("fit", start)}
@@ -346,7 +348,8 @@ def load_data(args) -> Category:
     root = Path(args.data_root)
     if args.synthetic:
         make_synthetic_category(root)
-    data = load_category(root, args.category, args.image_size, args.crop_size, args.dataset)
+    data = load_category(root, args.category, args.image_size, args.crop_size,
+                         LAYOUTS[args.dataset])
     keep = evenly(args.max_test, len(data.test))
     return dataclasses.replace(
         data, train=data.train[:args.max_train or None], test=data.test[keep],
@@ -479,12 +482,11 @@ def header_line(h: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
-# patch_ae.Config fields that bench.py does not take: Patch AE trains on every train/good image
-# and keeps the last epoch, the paper's protocol, as PatchCore uses every image; one seed (bench's
-# own --seed, which also seeds the baseline and the random features); bench writes only its tables
-# and --json.
-NOT_IN_BENCH = ("holdout", "select", "seed", "out", "overwrite", "save", "load", "predict",
-                "save_maps", "report_images")
+# patch_ae.Config fields that bench.py does not take: one seed (bench's own --seed, which also
+# seeds the baseline and the random features); bench writes only its tables and --json. Patch AE
+# trains on every train/good image and keeps the last epoch, the paper's protocol, as PatchCore
+# uses every image (deploy.py's held-out images are not bench's).
+NOT_IN_BENCH = ("seed", "out", "overwrite", "save_maps", "report_images")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -494,9 +496,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter,
                allow_abbrev=False,
                argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    add_config_flags(p, suppress_defaults, exclude=NOT_IN_BENCH, group=p.add_argument_group(
-        "Patch AE and data: patch_ae.py's flags (the data flags, --weights, --batch-size and "
-        "--device serve the baseline too)"))
+    flags = p.add_argument_group("Patch AE and data: patch_ae.py's flags (the data flags, "
+                                 "--weights, --batch-size and --device serve the baseline too)")
+    add_config_flags(p, Config, suppress_defaults, exclude=NOT_IN_BENCH, group=flags)
+    flags.add_argument("--dataset", type=str, choices=tuple(LAYOUTS),
+                       **({} if suppress_defaults else {"default": "mvtec"}),
+                       help="layout of --data-root: MVTec AD, VisA, MVTec AD 2 (layouts.py)")
     b = p.add_argument_group("PatchCore baseline and benchmark")
     b.add_argument("--baseline", type=str, default="single", choices=("single", "ensemble"),
                    help=f"PatchCore on --baseline-backbone, or the multi-model one: "
@@ -544,6 +549,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.category, args.data_root = args.patch_ae.category, args.patch_ae.data_root
     checks = [(args.weights in ("imagenet", "none"), f"--weights {args.weights}: bench.py loads "
                f"two different backbones; use 'imagenet' or 'none'"),
+              (not (args.synthetic and args.dataset != "mvtec"),
+               f"--synthetic writes MVTec AD's layout; drop --dataset {args.dataset}"),
               (args.category != "all",
                "--category all: bench.py compares the methods on one category; name it"),
               (args.repeats >= 1, "--repeats must be >= 1"),

@@ -4,46 +4,51 @@ Idea (Sec. 1-2): a classic auto-encoder is trained on normal images and hopes to
 Patch AE does the opposite: it trains an encoder to reconstruct every image patch, artificial
 CutPaste defects included, from that patch's own feature vector. The encoder's features then
 describe defects well, and a test patch is scored by its distance to the nearest feature of the
-normal training images (a memory bank, as in PatchCore).
+normal training images (a memory bank, as in PatchCore). The decoder only teaches the encoder: at
+test time the trained encoder and its memory bank score the images, and the decoder is not used.
 
-    image --CutPaste(p=0.5)--> encoder (WideResNet-101 conv1..layer3, layer2 + up(layer3),
-    two 1x1 conv+ReLU) --> R (B, c3, H/8, W/8) --> decoder (1x1 conv, ReLU, 1x1 conv, pixel
+    image --CutPaste(p=0.5)--> encoder (backbone stem, conv3, conv4; conv3 + up(conv4); two
+    1x1 conv+ReLU) --> R (B, c3, H/8, W/8) --> decoder (1x1 conv, ReLU, 1x1 conv, pixel
     shuffle) --> one 8x8 patch per feature vector --> hybrid patch loss (Eq. 3)
-    test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map, image score = max
+    test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map; image score = the
+    largest patch score (before the map's blur)
 
 Every run also scores the untrained encoder (epoch 0: the same backbone and 1x1 fusion before
-any step) through the same bank construction and test images, so it shows what training changed.
+any step), with a memory bank of its own built the same way, on the same test images, so it shows
+what training changed.
 
-Offline CPU run in under a minute (random-init resnet18 on a generated MVTec-style category;
-README.md gives its expected output):
-    python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 128 \
+Offline CPU run in under a minute (ImageNet EfficientNet-Lite0 from its pip package, a generated
+MVTec-style category; README.md gives its expected output):
+    python patch_ae.py --synthetic --backbone efficientnet_lite0 --image-size 128 \
         --crop-size 128 --epochs 5
-Full run, the paper's protocol (MVTec AD and the ImageNet weights; a GPU is strongly advised):
+Full run, the paper's protocol (MVTec AD and torchvision's ImageNet weights; a GPU is advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
 The paper reports 97.7 image AUROC on screw and 99.48 on average over MVTec AD: the paper's
-numbers. Each run writes results.json, results.csv and report.html to --out (report.py).
+numbers. Each run writes results.json, results.csv and report.html to --out (report.py). Using
+a model on your own images (a threshold, model files, folder prediction) is deploy.py.
+
+Names: the paper's conv3 and conv4 are the backbone's stages at stride 8 and 16 (a ResNet's
+layer2 and layer3), with c1 and c2 channels; the fusion maps c1 + c2 to c3 (Backbone says which
+blocks for each backbone).
 
 Assumptions where the paper is silent (docs/method.md gives the reasons, docs/training.md the
 measurements):
-- Preprocessing as in PatchCore: resize 256, centre crop 224, ImageNet normalisation.
-- Encoder fusion: layer3 upsampled bilinearly to layer2's grid; 1x1 convs c1+c2 -> c3 -> c3,
+- Preprocessing as in PatchCore: resize 256, centre crop 224, the backbone's own normalisation.
+- Encoder fusion: conv4 upsampled bilinearly to conv3's grid; 1x1 convs c1+c2 -> c3 -> c3,
   c3 = (c1+c2)/3.
-- Decoder hidden width c3, ReLU; it reconstructs the ImageNet-normalised augmented image.
+- Decoder hidden width c3, ReLU; it reconstructs the normalised augmented image.
 - CutPaste with p = 0.5, then "normal" or "scar" with equal odds.
 - Loss: alpha = 0.5; per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over
   the batch; norm() standardises each patch over its 3*8*8 values (eps 1e-6).
-- Training: Adam, 50 epochs, batch 16, cosine decay to 0; the new layers at lr 1e-4, layer2 and
-  layer3 at 0.1 x that, the stem (conv1 + layer1) frozen, BatchNorm statistics frozen. The paper
-  says "end to end"; this recipe is ours, chosen by measurement.
+- Training: Adam, 50 epochs, batch 16, cosine decay to 0; the new layers at lr 1e-4, conv3 and
+  conv4 at 0.1 x that, the stem (all before conv3) frozen, BatchNorm statistics frozen. The
+  paper says "end to end"; this recipe is ours, chosen by measurement.
 - Protocol as the paper: all of train/good trains and fills the bank, the last epoch is kept.
-  Ours, as options: --holdout 0.1 holds normal images out to validate and fit a threshold (the
-  0.99 quantile of their scores); --select best then keeps the best validated epoch.
 - Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, official start.
 - kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 distance; maps blurred as PatchCore (sigma 4).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -54,8 +59,9 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.ndimage
@@ -69,25 +75,11 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 import efficientnet_lite
 import report
-from report import fmt
+from cli import Progress, UsageError, check, flag, parse_flags
 
 BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATASETS = ("mvtec", "visa", "mvtec2")  # --dataset: MVTec AD, VisA, MVTec AD 2, as each unpacks
-
-
-class UsageError(Exception):
-    """Bad input: main() prints it as one line and exits with code 2, no traceback."""
-
-
-def flag(default, help: str, group: str, **argparse_options):
-    """A Config field and its command-line flag: the default (a function is called for each
-    Config), the --help text and group, other argparse options."""
-    meta = {"help": help, "group": group, **argparse_options}
-    if callable(default):
-        return field(default_factory=default, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 def default_data_root() -> str:
@@ -98,156 +90,79 @@ def first_seed() -> list:
     return [0]
 
 
-HELP_GROUPS = {"data": "data (Sec. 3)", "method": "method (Sec. 2.3-2.6)",
-               "training": "training (Sec. 2.5; the recipe is ours)",
-               "ours": "validation and threshold (ours, not in the paper)",
-               "use": "outputs and use"}
+DATA, METHOD = "data (Sec. 3)", "method (Sec. 2.3-2.6)"
+TRAINING, OUTPUT = "training (Sec. 2.5; the recipe is ours)", "outputs"
 
 
 @dataclass
 class Config:
     data_root: str = flag(default_data_root, "dataset root (default: $MVTEC_ROOT, else "
-                          "./mvtec_anomaly_detection)", "data")
-    dataset: str = flag("mvtec", "layout of --data-root: MVTec AD, VisA, MVTec AD 2", "data",
-                        choices=DATASETS)
-    category: str = flag("screw", "category folder (VisA: an object), or all", "data")
-    synthetic: bool = flag(False, "generate and use the offline category 'synthetic'", "data")
-    image_size: int = flag(256, "resize the shorter side to this (PatchCore's)", "data")
-    crop_size: int = flag(224, "centre crop, a multiple of 8 (PatchCore's)", "data")
-    backbone: str = flag("wide_resnet101_2", "encoder backbone", "method", choices=BACKBONES)
-    weights: str = flag("imagenet", "imagenet (read offline from $TORCH_HOME/hub/checkpoints), "
-                        "none (random) or a state_dict file", "method")
-    feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2)/3", "method")
-    alpha: float = flag(0.5, "alpha of Eq. 3, in [0, 1]", "method")
-    coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]", "method")
-    image_score: str = flag("max", "max patch score (Sec. 2.6) or PatchCore's reweight", "method",
+                          "./mvtec_anomaly_detection)", DATA)
+    category: str = flag("screw", "category folder, or all", DATA)
+    synthetic: bool = flag(False, "generate and use the offline category 'synthetic'", DATA)
+    image_size: int = flag(256, "resize the shorter side to this (PatchCore's)", DATA)
+    crop_size: int = flag(224, "centre crop, a multiple of 8 (PatchCore's)", DATA)
+    backbone: str = flag("wide_resnet101_2", "encoder backbone (the paper's: wide_resnet101_2)",
+                         METHOD, choices=BACKBONES)
+    weights: str = flag("imagenet", "imagenet (torchvision's read offline from "
+                        "$TORCH_HOME/hub/checkpoints; efficientnet_lite0's from its pip "
+                        "package), none (random) or a state_dict file", METHOD)
+    feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2)/3", METHOD)
+    alpha: float = flag(0.5, "alpha of Eq. 3, in [0, 1]", METHOD)
+    coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]", METHOD)
+    image_score: str = flag("max", "max patch score (Sec. 2.6) or PatchCore's reweight", METHOD,
                             choices=("max", "reweight"))
-    epochs: int = flag(50, "training epochs (the paper: not stated)", "training")
-    batch_size: int = flag(16, "training and inference batch size", "training")
-    lr: float = flag(1e-4, "Adam learning rate of the new layers", "training")
-    backbone_lr: float = flag(0.1, "conv3 and conv4's rate, times --lr (0 = frozen)", "training")
-    seed: list = flag(first_seed, "one or more seeds: mean +- std (default: 0)", "training",
+    epochs: int = flag(50, "training epochs (the paper: not stated)", TRAINING)
+    batch_size: int = flag(16, "training and inference batch size", TRAINING)
+    lr: float = flag(1e-4, "Adam learning rate of the new layers", TRAINING)
+    backbone_lr: float = flag(0.1, "conv3 and conv4's rate, times --lr (0 = frozen)", TRAINING)
+    seed: list = flag(first_seed, "one or more seeds: mean +- std (default: 0)", TRAINING,
                       nargs="+", type=int, aliases=("--seeds",))
-    holdout: float = flag(0.0, "share of train/good held out to validate on and set a threshold "
-                          "(0: the paper's protocol)", "ours")
-    select: str = flag("last", "keep the last epoch (the paper's) or the best validated one",
-                       "ours", choices=("last", "best"))
-    device: str = flag("auto", "auto = cuda when present", "use", choices=("auto", "cpu", "cuda"))
-    out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)", "use")
-    overwrite: bool = flag(False, "allow writing into an --out folder that has results", "use")
-    save: str = flag("", "write the model to this file", "use")
-    load: str = flag("", "skip training: score with a model file made by --save", "use")
-    predict: str = flag("", "score every image under this folder into predictions.csv", "use")
-    save_maps: int = flag(0, "write pictures of this many test images", "use")
-    report_images: int = flag(12, "pictures in each gallery of report.html; 0 = no report", "use")
+    device: str = flag("auto", "auto = cuda when present", OUTPUT, choices=("auto", "cpu", "cuda"))
+    out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)", OUTPUT)
+    overwrite: bool = flag(False, "allow writing into an --out folder that has results", OUTPUT)
+    save_maps: int = flag(0, "write pictures of this many test images", OUTPUT)
+    report_images: int = flag(12, "pictures in each gallery of report.html; 0 = no report", OUTPUT)
 
 
 EXAMPLES = """examples:
-  offline, a minute on a CPU (random weights, a generated category):
-    python patch_ae.py --synthetic --backbone resnet18 --weights none --image-size 128 \\
+  offline, a minute on a CPU (ImageNet EfficientNet-Lite0, a generated category):
+    python patch_ae.py --synthetic --backbone efficientnet_lite0 --image-size 128 \\
         --crop-size 128 --epochs 5
   the paper's protocol on MVTec AD:
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category all --seeds 0 1 2
-  your own images, with a threshold, then new images:
-    python patch_ae.py --data-root ./my_data --category my_part --holdout 0.1 --save my_part.pt
-    python patch_ae.py --load my_part.pt --predict ./incoming"""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line ends as any bad input does: one line, exit code 2."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help: each flag's default once, after its text, unless the text already gives it."""
-
-    def _get_help_string(self, action):
-        text, default = action.help or "", action.default
-        if "default" in text or default is None or default is False or default == "":
-            return text
-        return f"{text} (default: {default})"
-
-
-def add_config_flags(p: argparse.ArgumentParser, suppress_defaults: bool = False,
-                     exclude: tuple = (), group=None) -> None:
-    """One typed flag per Config field but those in `exclude`, in its --help group (or all in
-    `group`: bench.py adds Patch AE's flags this way)."""
-    groups = {}
-    for f in dataclasses.fields(Config):
-        if f.name in exclude:
-            continue
-        md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
-        names += list(md.pop("aliases", ()))
-        title = HELP_GROUPS[md.pop("group")]
-        if group is None and title not in groups:
-            groups[title] = p.add_argument_group(title)
-        target = group or groups[title]
-        if not suppress_defaults:
-            md["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        if f.type == "bool":  # annotations are strings here (from __future__ import annotations)
-            target.add_argument(*names, dest=f.name, action="store_true", **md)
-            continue
-        md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
-        target.add_argument(*names, dest=f.name, **md)
-
-
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """argparse from Config. Abbreviated flags are refused (--epoch is not --epochs). With
-    suppress_defaults only the flags given appear in the result."""
-    p = Parser(usage="%(prog)s [flag ...]", description=__doc__.split("\n")[0], epilog=EXAMPLES,
-               formatter_class=HelpFormatter, allow_abbrev=False,
-               argument_default=argparse.SUPPRESS if suppress_defaults else None)
-    add_config_flags(p, suppress_defaults)
-    return p
+  your own images, other dataset layouts, a threshold, model files: deploy.py --help"""
 
 
 def check_config(cfg: Config) -> None:
     """Raises UsageError, naming the flag, for a value that makes no sense."""
-    checks = [
-        (cfg.epochs >= 0, "--epochs must be >= 0"),
-        (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-        (cfg.lr > 0, "--lr must be > 0"),
-        (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
-        (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
-        (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
-        (0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
-        (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0,
-         "--crop-size must be a multiple of 8, at least 32"),
-        (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
-        (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
-        (cfg.save_maps >= 0, "--save-maps must be >= 0"),
-        (cfg.report_images >= 0, "--report-images must be >= 0"),
-        (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing "
-         "new to save"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    check([(cfg.epochs >= 0, "--epochs must be >= 0"),
+           (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+           (cfg.lr > 0, "--lr must be > 0"),
+           (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
+           (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
+           (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
+           (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0,
+            "--crop-size must be a multiple of 8, at least 32"),
+           (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
+           (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
+           (cfg.save_maps >= 0, "--save-maps must be >= 0"),
+           (cfg.report_images >= 0, "--report-images must be >= 0")])
 
 
-def make_config(values: dict, given: set) -> Config:
+def make_config(values: dict, given: set, config: type = Config):
     """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked
-    Config, --synthetic resolved. `given`: the flags on the command line."""
-    cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config) if f.name in values})
+    `config`, --synthetic resolved. `given`: the flags on the command line."""
+    fields = dataclasses.fields(config)
+    cfg = config(**{f.name: values[f.name] for f in fields if f.name in values})
     check_config(cfg)
     if cfg.synthetic:
         if "category" in given:
             raise UsageError("--synthetic makes its own category; drop --category")
-        if cfg.dataset != "mvtec":
-            raise UsageError(f"--synthetic writes MVTec AD's layout; drop --dataset {cfg.dataset}")
         cfg.category = "synthetic"
         if "data_root" not in given:
             cfg.data_root = "./synthetic_mvtec"
     return cfg
-
-
-def parse_config(argv=None) -> tuple[Config, set]:
-    """Returns the checked config and the names of the flags given on the command line."""
-    values = vars(build_parser().parse_args(argv))
-    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
-    return make_config(values, given), given
 
 
 def pick_device(name: str) -> torch.device:
@@ -272,45 +187,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Progress:
-    """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end
-    unless final=False (when the caller prints its own summary); nothing when desc is empty."""
-
-    def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0,
-                 final: bool = True):
-        self.desc, self.total, self.unit, self.every, self.final = desc, total, unit, every, final
-        self.done, self.start = 0, time.perf_counter()
-        self.last = self.start
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        due = now - self.last >= self.every or (self.final and self.done >= self.total)
-        if self.desc and due:
-            self.last, rate = now, self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / max(rate, 1e-9)
-            print(f"  {self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
-                  f"ETA {eta:.0f}s", flush=True)
-
-
 # ----------------------------------------------------------------------------------------------
-# Data (Sec. 3: MVTec AD): MVTec AD, VisA and MVTec AD 2 as they unpack; a synthetic MVTec-style
-# category
+# Data (Sec. 3: MVTec AD as it unpacks); a synthetic MVTec-style category. Other layouts (VisA,
+# MVTec AD 2) are in datasets.py
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png,"
               " ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
-VISA_CSV = Path("split_csv") / "1cls.csv"
-VISA_TREE = (f"ROOT/{VISA_CSV.as_posix()} (header object,split,label,image,mask; split "
-             "train|test; label normal|anomaly; paths relative to ROOT), "
-             "ROOT/<object>/Data/Images/{Normal,Anomaly}/*.JPG, "
-             "ROOT/<object>/Data/Masks/Anomaly/*.png")
-MVTEC2_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/validation/good/*.png, "
-               "ROOT/<category>/test_public/{good,bad}/*.png, "
-               "ROOT/<category>/test_public/ground_truth/bad/<name>_mask.png")
-LAYOUTS = {"mvtec": MVTEC_TREE, "visa": VISA_TREE, "mvtec2": MVTEC2_TREE}
-DATASET_URLS = {"mvtec": "https://www.mvtec.com/company/research/datasets/mvtec-ad",
-                "visa": "https://github.com/amazon-science/spot-diff",
-                "mvtec2": "https://www.mvtec.com/company/research/datasets/mvtec-ad-2"}
 
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
@@ -356,16 +238,6 @@ def list_images(folder: Path, layout: str = "") -> list[Path]:
     return paths
 
 
-def find_categories(root: Path, dataset: str = "mvtec") -> list[str]:
-    if not root.is_dir():
-        raise UsageError(f"--data-root {root}: folder not found; expected {LAYOUTS[dataset]} "
-                         f"(--dataset {dataset}). Get it from {DATASET_URLS[dataset]} and pass "
-                         f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
-    if dataset == "visa":
-        return sorted({row["object"] for row in visa_rows(root)})
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
-
-
 @dataclass
 class Category:
     train: torch.Tensor            # (N, 3, S, S) uint8, train/good
@@ -407,81 +279,50 @@ def labelled_test_images(test_dir: Path, gt_dir: Path,
             for p in paths]
 
 
-def visa_rows(root: Path) -> list[dict]:
-    """VisA's split_csv/1cls.csv as dicts, each with its line number under 'line'."""
-    path = root / VISA_CSV
-    if not path.is_file():
-        raise UsageError(f"{path}: not found; expected {VISA_TREE} (--dataset visa)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = [dict(row, line=n) for n, row in enumerate(reader, start=2)]
-        columns = reader.fieldnames or ()
-        missing = [c for c in ("object", "split", "label", "image", "mask") if c not in columns]
-    if missing:
-        raise UsageError(f"{path}: no column {', '.join(missing)} in its header row; expected "
-                         f"{VISA_TREE}")
-    return rows
-
-
-def read_visa(root: Path, category: str) -> tuple[list, list, list]:
-    """VisA's 1cls split: train = the object's 'train' rows (normal), test = its 'test' rows."""
-    train, test = [], []
-    for row in visa_rows(root):
-        if row["object"] != category:
-            continue
-        image, mask = root / row["image"], (root / row["mask"]) if row["mask"] else None
-        split, anomaly = row["split"], row["label"] == "anomaly"
-        problems = [(split not in ("train", "test") or row["label"] not in ("normal", "anomaly"),
-                     f"split {split!r}, label {row['label']!r}"),
-                    (not image.is_file(), f"image {image} not found"),
-                    (split == "train" and anomaly, "an anomaly row in the train split"),
-                    (split == "test" and anomaly and mask is None, "an anomaly row without a mask"),
-                    (not anomaly and mask is not None, "a normal row with a mask"),
-                    (mask is not None and not mask.is_file(), f"mask {mask} not found")]
-        for bad, problem in problems:
-            if bad:
-                raise UsageError(f"{root / VISA_CSV}, line {row['line']}: {problem}; expected "
-                                 f"{VISA_TREE}")
-        if split == "train":
-            train.append(image)
-        else:
-            test.append((image, int(anomaly), mask))
-    for items, split in ((train, "train"), (test, "test")):
-        if not items:
-            raise UsageError(f"{root / VISA_CSV}: no {split} row for {category}; expected "
-                             f"{VISA_TREE}")
-    return train, test, []
-
-
 def read_mvtec(root: Path, category: str) -> tuple[list, list, list]:
     base = root / category
     return (list_images(base / "train" / "good", MVTEC_TREE),
             labelled_test_images(base / "test", base / "ground_truth", MVTEC_TREE), [])
 
 
-def read_mvtec2(root: Path, category: str) -> tuple[list, list, list]:
-    """MVTec AD 2: test_public holds the labelled test set; the test_private* folders have no
-    labels (score them with --predict); validation/good is the held-out normal set."""
-    base, public = root / category, root / category / "test_public"
-    return (list_images(base / "train" / "good", MVTEC2_TREE),
-            labelled_test_images(public, public / "ground_truth", MVTEC2_TREE),
-            list_images(base / "validation" / "good", MVTEC2_TREE))
+def mvtec_categories(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
 
 
-# --dataset -> reader: (root, category) -> (train image paths, test (image, label 1 = defect,
-# mask path or None), validation image paths: the dataset's held-out normal images, or [])
-READERS = {"mvtec": read_mvtec, "visa": read_visa, "mvtec2": read_mvtec2}
+@dataclass
+class Layout:
+    """A dataset as it unpacks: its --dataset name, its tree in words (for error messages), where
+    to get it, its categories under a root, and its reader: (root, category) -> (train image
+    paths, test (image, label 1 = defect, mask path or None), validation image paths: the
+    dataset's own held-out normal images, or [])."""
+    name: str
+    tree: str
+    url: str
+    categories: Callable[[Path], list]
+    read: Callable[[Path, str], tuple]
+
+
+MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/datasets/mvtec-ad",
+               mvtec_categories, read_mvtec)
+
+
+def find_categories(root: Path, layout: Layout = MVTEC) -> list[str]:
+    if not root.is_dir():
+        raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree} "
+                         f"(--dataset {layout.name}). Get it from {layout.url} and pass "
+                         f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
+    return layout.categories(root)
 
 
 def load_category(root: Path, category: str, image_size: int, crop_size: int,
-                  dataset: str = "mvtec") -> Category:
-    """One category of --dataset: its reader lists (image, label, mask) paths; this reads them."""
-    found = find_categories(root, dataset)
+                  layout: Layout = MVTEC) -> Category:
+    """One category of `layout`: its reader lists (image, label, mask) paths; this reads them."""
+    found = find_categories(root, layout)
     if category not in found:
         raise UsageError(f"--category {category}: not found under {root}; found: "
-                         f"{', '.join(found) or 'none'} (expected {LAYOUTS[dataset]}; "
-                         f"--dataset {dataset})")
-    train_paths, test_items, validation_paths = READERS[dataset](root, category)
+                         f"{', '.join(found) or 'none'} (expected {layout.tree}; "
+                         f"--dataset {layout.name})")
+    train_paths, test_items, validation_paths = layout.read(root, category)
     test_paths, labels, mask_paths = (list(column) for column in zip(*test_items))
     total = len(train_paths) + len(test_paths) + len(validation_paths)
     progress = Progress(f"reading {category}", total, "img")
@@ -625,7 +466,7 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder (Sec. 2.3, Fig. 2): conv1..conv4 of a pretrained backbone, multi-scale fusion,
+# Encoder (Sec. 2.3, Fig. 2): a pretrained backbone's conv3 and conv4, multi-scale fusion,
 # two 1x1 conv + ReLU
 # ----------------------------------------------------------------------------------------------
 @dataclass
@@ -823,15 +664,8 @@ def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float,
 
 
 # ----------------------------------------------------------------------------------------------
-# Training (Sec. 2.5): on CutPaste-augmented normal images, the recipe ours (the paper gives
-# none). Ours, with --holdout: validation on held-out normal images with drawn defects, and
-# with --select best the best validated epoch
+# Training (Sec. 2.5): on CutPaste-augmented normal images; the recipe ours (the paper gives none)
 # ----------------------------------------------------------------------------------------------
-VAL_BANK_IMAGES, VAL_BANK_ROWS = 64, 16384  # validation bank: patch rows of some training images
-VAL_BUDGET = 0.15     # validation's target share of the training time: sets its period
-VAL_TOLERANCE = 0.01  # --select best: a later epoch must beat the kept one by this (noisy score)
-
-
 def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
     """Adam: --lr for the new layers (the 1x1 fusion convs, the decoder), --lr x --backbone-lr
     for the pretrained conv3 and conv4 (0: frozen). The stem (all before conv3: a ResNet's conv1
@@ -849,104 +683,25 @@ def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
-@dataclass
-class Validation:
-    images: torch.Tensor   # (V, 3, S, S) uint8: the held-out images, then each once per defect kind
-    labels: np.ndarray     # (V,) 1 = defect
-    masks: torch.Tensor    # (V, S, S) bool
-    bank_images: torch.Tensor  # (<= 64, 3, S, S) uint8 training images whose features form the bank
-    bank_rows: torch.Tensor    # (<= 16384,) rows of their (n*h*w, C) features, the same every epoch
-
-
-def make_validation(held: torch.Tensor, train: torch.Tensor, seed: int) -> Validation:
-    """Held-out normal images -> a labelled validation set: each image as it is and with one
-    scratch, one blob and one stain (draw_defect), with masks. Made once per run, from `seed`."""
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    clean = held.permute(0, 2, 3, 1).numpy() / 255.0                    # (n, S, S, 3) in [0, 1]
-    images, masks = [held], [torch.zeros(len(held), *held.shape[-2:], dtype=torch.bool)]
-    for kind in DEFECT_KINDS:
-        pairs = [draw_defect(img, kind, rng) for img in clean]          # [(image, mask), ...]
-        defective = np.stack([(a * 255).round() for a, _ in pairs]).astype(np.uint8)
-        images.append(torch.from_numpy(defective).permute(0, 3, 1, 2))  # (n, 3, S, S)
-        masks.append(torch.from_numpy(np.stack([m for _, m in pairs])))
-    labels = np.repeat([0] + [1] * len(DEFECT_KINDS), len(held))
-    bank_images = train[torch.randperm(len(train), generator=g)[:VAL_BANK_IMAGES]]
-    h, w = (s // Encoder.stride for s in train.shape[-2:])
-    rows = torch.randperm(len(bank_images) * h * w, generator=g)[:VAL_BANK_ROWS].sort().values
-    return Validation(torch.cat(images).contiguous(), labels, torch.cat(masks), bank_images, rows)
-
-
-def validation_score(metrics: dict) -> float:
-    """What --select best maximises: the mean of image AUROC (the paper's metric; few images, so
-    coarse) and pixel AUROC (every pixel of every validation image)."""
-    return (metrics["image_auroc"] + metrics["pixel_auroc"]) / 2
-
-
-@torch.no_grad()
-def validate(encoder: Encoder, val: Validation, cfg: Config, device: torch.device) -> dict:
-    """Scores the validation set against a bank of the current encoder's training features; also
-    what the features do: mean ||R||, the share of R's channels that are 0 on every bank patch
-    (dead ReLUs), and the held-out normal images' mean map (their distance to the bank)."""
-    feats = extract_features(encoder, val.bank_images, cfg.batch_size, device, desc="")
-    flat = flatten_patches(feats)                                       # (n*h*w, C)
-    bank = flat[val.bank_rows.to(flat.device)]
-    scores, maps = score_images(encoder, bank, val.images, cfg.batch_size, device,
-                                cfg.image_score, desc="")
-    out = compute_metrics(val.labels, scores, val.masks, maps)
-    out["score"] = validation_score(out)
-    out["feature_norm"] = float(flat.norm(dim=1).mean())
-    out["dead_units"] = float((flat.amax(0) <= 0).float().mean())
-    out["normal_distance"] = float(maps[torch.from_numpy(val.labels == 0)].mean())
-    return out
-
-
-def validation_line(row: dict) -> str:
-    return (f"  validation, epoch {row['epoch']}: image AUROC {fmt(row['image_auroc'])}, pixel "
-            f"AUROC {fmt(row['pixel_auroc'])}, AUPRO {fmt(row['pixel_aupro'])}, |R| "
-            f"{row['feature_norm']:.3g}, dead {fmt(row['dead_units'], 0)}%, normal distance "
-            f"{row['normal_distance']:.3g}, {row['seconds']:.1f}s")
-
-
-def auto_val_every(val_seconds: float, epoch_seconds: float) -> int:
-    """Validate every k-th epoch, the smallest k at which one validation costs at most VAL_BUDGET
-    of k epochs. Validation's cost is mostly fixed (its bank, four copies of each held-out image,
-    every pixel's AUROC) while an epoch shrinks with the category, so a fixed k would cost 13%
-    at the paper's size and half the training time on a small category."""
-    return max(1, math.ceil(val_seconds / (VAL_BUDGET * max(epoch_seconds, 1e-9))))
-
-
 def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: torch.device,
-                   val: Validation | None = None) -> dict:
+                   on_epoch: Callable | None = None) -> list[float]:
     """images: (N, 3, S, S) uint8 normal images. Adam on Eq. 3, the learning rate decayed to 0 by
-    a cosine over all steps. With `val` (ours), validates before the first epoch, every k-th
-    (auto_val_every, after epoch 1) and after the last; --select best then leaves the model,
-    encoder and decoder, as it was at the best score. Returns the loss per epoch, the validation
-    curve, the selected epoch and the validation period."""
+    a cosine over all steps. on_epoch(epoch, model, seconds), if given, runs before the first
+    epoch (0) and after each (deploy.py validates there). Returns the mean loss of each epoch."""
     model.to(device).train()
     opt = make_optimizer(model, cfg)
     n = len(images)
     steps = max(1, math.ceil(n / cfg.batch_size) * cfg.epochs)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)  # per step, to 0
-    losses, curve, best, val_every = [], [], {}, None
-    start = time.perf_counter()
-
-    def checkpoint(epoch: int) -> None:
-        t0 = clock(device)
-        row = {"epoch": epoch, "loss": losses[-1] if losses else None,
-               **validate(model.encoder, val, cfg, device)}
-        row["seconds"] = clock(device) - t0
-        curve.append(row)
-        if not best or row["score"] > best["row"]["score"] + VAL_TOLERANCE:  # else keep earlier
-            best.update(row=row, state={k: v.clone() for k, v in model.state_dict().items()})
-        model.train()
-        print(validation_line(row), flush=True)
-    if val is not None:
-        checkpoint(0)
+    patches = (cfg.crop_size // Encoder.stride) ** 2  # Eq. 3 sums over these: the loss is large
+    losses, start = [], time.perf_counter()
+    if on_epoch:
+        on_epoch(0, model, 0.0)
     for epoch in range(1, cfg.epochs + 1):
         t0, total = time.perf_counter(), 0.0
         progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # slow epochs
         for idx in torch.randperm(n).split(cfg.batch_size):
-            x = augment(images[idx].float() / 255, cfg.image_size)
+            x = augment(images[idx].float() / 255, cfg.image_size)      # (B, 3, S, S) in [0, 1]
             x = model.encoder.normalize(x.to(device))
             loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride)  # target: the augmented x
             if not torch.isfinite(loss):
@@ -961,27 +716,14 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
         losses.append(total / n)
         now = time.perf_counter()
         eta = (now - start) / epoch * (cfg.epochs - epoch)
-        print(f"  epoch {epoch}/{cfg.epochs}: loss {losses[-1]:.4f}, {now - t0:.1f}s, "
-              f"ETA {eta:.0f}s", flush=True)
-        if val is not None and val_every is None:  # chosen once, from epoch 0's validation
-            val_every = auto_val_every(curve[0]["seconds"], now - t0)
-            print(f"  validating every {val_every} epoch(s): one validation "
-                  f"{curve[0]['seconds']:.1f}s, one epoch {now - t0:.1f}s", flush=True)
-        if val is not None and (epoch % val_every == 0 or epoch == cfg.epochs):
-            checkpoint(epoch)
-    selected, val_seconds = cfg.epochs, sum(row["seconds"] for row in curve)
-    if val is not None:
-        if cfg.select == "best":
-            model.load_state_dict(best["state"])
-            selected = best["row"]["epoch"]
-        train_seconds = time.perf_counter() - start - val_seconds
-        share = fmt(val_seconds / max(train_seconds, 1e-9), 0)
-        print(f"selected epoch {selected} (--select {cfg.select}; best validation score "
-              f"{fmt(best['row']['score'])} at epoch {best['row']['epoch']}); validation "
-              f"{val_seconds:.1f}s = {share}% of the training time", flush=True)
+        print(f"  epoch {epoch}/{cfg.epochs}: loss {losses[-1]:.4f} (summed over {patches} "
+              f"patches: {losses[-1] / patches:.3f} a patch), {now - t0:.1f}s, ETA {eta:.0f}s",
+              flush=True)
+        if on_epoch:
+            on_epoch(epoch, model, now - t0)
+            model.train()
     model.eval()
-    return {"loss_by_epoch": losses, "validation_curve": curve, "selected_epoch": selected,
-            "validation_seconds": val_seconds, "val_every": val_every}
+    return losses
 
 
 @torch.no_grad()
@@ -1042,8 +784,17 @@ def build_memory_bank(features: torch.Tensor, ratio: float, seed: int = 0) -> to
     return flat[greedy_coreset(flat, int(len(flat) * ratio), seed=seed)]
 
 
+def memory_bank(encoder: nn.Module, images: torch.Tensor, cfg: Config, seed: int,
+                device: torch.device, desc: str = "features") -> torch.Tensor:
+    """The memory bank of `encoder`: its features of the normal training images, coreset-reduced.
+    The trained and the untrained encoder each get their own, built by this one function."""
+    features = extract_features(encoder, images, cfg.batch_size, device, desc)
+    return build_memory_bank(features, cfg.coreset_ratio, seed)
+
+
 # ----------------------------------------------------------------------------------------------
-# kNN scorer (Sec. 2.6): each test patch's distance to its nearest memory-bank feature
+# kNN scorer (Sec. 2.6): each test patch's distance to its nearest memory-bank feature; the image
+# score
 # ----------------------------------------------------------------------------------------------
 # One distance block's memory, MB: the only memory that grows with the work. CPU: 8 was level
 # with 4 and faster than 2 (docs/benchmark.md); CUDA: fewer, larger launches, not yet measured.
@@ -1185,26 +936,118 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: torch.Tensor 
 
 
 # ----------------------------------------------------------------------------------------------
-# Outputs (not in the paper): the threshold, model file, pictures, tables
+# One run (Sec. 2.5-3): train, the memory bank, the untrained encoder beside it, the test set
 # ----------------------------------------------------------------------------------------------
-THRESHOLD_QUANTILE = 0.99  # the threshold: this quantile of the held-out normal images' scores
+def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard=None,
+        untrained: bool = True) -> dict:
+    """Train Patch AE on the normal images `train` (uint8 (N, 3, S, S)), then fill its memory bank
+    from them with the trained encoder. With `untrained`, the encoder as it was before the first
+    step gets a bank of its own, built the same way, to be scored beside it. `guard` (deploy.py,
+    ours): on_epoch(epoch, model, seconds) during training, then finish(model) -> the epoch kept
+    (it may load an earlier one). Returns the model as evaluate() takes it."""
+    seed_everything(seed)
+    model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
+    cfg.feat_dim = model.encoder.feat_dim
+    initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
+    t0 = clock(device)
+    losses = train_patch_ae(model, train, cfg, device, guard.on_epoch if guard else None)
+    kept = guard.finish(model) if guard else cfg.epochs  # the paper's: the last epoch
+    t1 = clock(device)
+    bank = memory_bank(model.encoder, train, cfg, seed, device)
+    t2 = clock(device)
+    print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {t2 - t1:.1f}s; "
+          f"training + bank {t2 - t0:.1f}s", flush=True)
+    epoch0 = None
+    if untrained and kept == 0:  # the kept encoder is the untrained one: nothing to build twice
+        epoch0 = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
+    elif untrained:
+        epoch0 = {"encoder": initial.to(device),
+                  "bank": memory_bank(initial, train, cfg, seed, device, "untrained encoder")}
+        epoch0["seconds"] = clock(device) - t2
+    return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank, "untrained": epoch0,
+            "selected_epoch": kept, "loss_by_epoch": losses, "n_train": len(train),
+            "train_seconds": t2 - t0, "bank_seconds": t2 - t1}
+
+
+def paper_protocol(cfg: Config, n_train: int) -> str:
+    """The protocol line: the paper's, and where the recipe is ours."""
+    return (f"the paper's: all {n_train} train/good images train and fill the memory bank, the "
+            f"last epoch kept; {recipe_words(cfg)}")
+
+
+def recipe_words(cfg: Config) -> str:
+    layers = "frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate"
+    return (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
+            f"conv3 and conv4 {layers}, BatchNorm statistics frozen")
+
+
+HEAT_QUANTILE = 0.99  # the heatmap colours' middle: this quantile of normal images' map peaks
 
 
 def heat_scale(normal_maps: torch.Tensor, source: str) -> dict:
     """The heatmap colours from normal images' maps (N, S, S): 'low', their lowest pixel, and
-    'mid', the THRESHOLD_QUANTILE quantile of each map's highest pixel. report.colorize puts
+    'mid', the HEAT_QUANTILE quantile of each map's highest pixel. report.colorize puts
     'mid' at the middle of its colour map, so yellow to red is above what normal images reach."""
     peaks = normal_maps.flatten(1).amax(1).numpy()
-    return {"low": float(normal_maps.min()), "mid": float(np.quantile(peaks, THRESHOLD_QUANTILE)),
-            "source": source, "quantile": THRESHOLD_QUANTILE}
+    return {"low": float(normal_maps.min()), "mid": float(np.quantile(peaks, HEAT_QUANTILE)),
+            "source": source, "quantile": HEAT_QUANTILE}
 
 
-def own_scale(maps: torch.Tensor) -> dict:
+def own_scale(maps: torch.Tensor, source: str = "the test set's own range") -> dict:
     """The colours when no normal image anchors them: these maps' own range, red at the top."""
     low, high = float(maps.min()), float(maps.max())
-    return {"low": low, "mid": (low + high) / 2, "source": "the map's own range"}
+    return {"low": low, "mid": (low + high) / 2, "source": source}
 
 
+def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
+             out: Path) -> tuple[dict, dict]:
+    """The test set, scored by the trained encoder and its memory bank: the metrics, ms per image,
+    F1 at the model's threshold (deploy.py's; None here), the decoder's PSNR on the normal test
+    images. Then the untrained encoder with its own bank on the same images, for comparison
+    only, and the --save-maps pictures. Returns (result, scored: the image scores, maps, the
+    untrained encoder's scores, the heatmap colours)."""
+    t0 = clock(device)
+    scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size,
+                                device, cfg.image_score, desc="test")
+    ms = (clock(device) - t0) / len(data.test) * 1000
+    thr, both_classes = model.get("threshold"), len(np.unique(data.labels)) == 2
+    f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
+    result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1,
+              "ms_per_image": ms, "untrained": None, "untrained_seconds": None,
+              "reconstruction_psnr": None}
+    if model["decoder"] is not None:  # on the normal test images
+        normal = data.test[torch.from_numpy(data.labels == 0)]
+        result["reconstruction_psnr"] = reconstruction_psnr(model["encoder"], model["decoder"],
+                                                            normal, cfg.batch_size, device)
+    epoch0, untrained_scores = model["untrained"], None
+    if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
+        untrained_scores, untrained_maps = scores, maps
+    elif epoch0 is not None:
+        t0 = clock(device)
+        untrained_scores, untrained_maps = score_images(
+            epoch0["encoder"], epoch0["bank"], data.test, cfg.batch_size, device,
+            cfg.image_score, desc="test, untrained encoder")
+        epoch0["seconds"] += clock(device) - t0
+    if epoch0 is not None:
+        result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
+                                              untrained_maps)
+        result["untrained_seconds"] = epoch0["seconds"]
+    scale = model.get("heat_scale")
+    if scale is None:  # no held-out images: the normal test images anchor the colours
+        normal = maps[torch.from_numpy(data.labels == 0)]
+        source = "the normal test images (the model has no held-out images)"
+        scale = heat_scale(normal, source) if len(normal) else own_scale(maps)
+    for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
+        p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
+        save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
+                     picture(model, data.test[i], maps[i], scale, device, mask))
+    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
+                    "scale": scale}
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs: results.json and .csv, report.html and its pictures (report.py draws them)
+# ----------------------------------------------------------------------------------------------
 def picture(model: dict, image: torch.Tensor, amap: torch.Tensor, scale: dict,
             device: torch.device, mask: torch.Tensor | None = None,
             reconstruction: bool = True) -> np.ndarray:
@@ -1235,67 +1078,28 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-MODEL_FORMAT = "patch_ae/1"  # the model file's "format" key: load_model refuses any other
-# What a run records of fit()'s result: results.json takes them all, and the model file keeps
-# them beside the networks and the bank (a file from an older version may lack some: None).
+def csv_text(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+# What results.json keeps of a model beside the metrics; deploy.py fills the guard's part
+# (threshold, heat_scale, n_holdout, validation_curve, val_every, validation_seconds), None here.
 RUN_FIELDS = ("threshold", "heat_scale", "n_train", "n_holdout", "protocol", "selected_epoch",
               "val_every", "validation_curve", "loss_by_epoch", "train_seconds", "bank_seconds",
               "validation_seconds")
 
 
-def save_model(path: str, cfg: Config, model: dict) -> None:
-    """One file with all that scoring needs: encoder and decoder weights, memory bank, threshold,
-    config, versions."""
-    atomic_save({"format": MODEL_FORMAT, "config": dataclasses.asdict(cfg),
-                 "encoder": model["encoder"].state_dict(),
-                 "decoder": model["decoder"].state_dict(), "memory_bank": model["bank"].cpu(),
-                 **{key: model[key] for key in RUN_FIELDS},
-                 "versions": {"torch": str(torch.__version__),
-                              "torchvision": torchvision.__version__}}, Path(path))
-    print(f"saved model to {path}")
-    if model["threshold"] is None:
-        print("note: the model has no threshold (no held-out images), so --predict will leave "
-              "is_anomalous empty; train with --holdout 0.1 for one")
-
-
-def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict:
-    """Model file -> the model as fit() returns it, on `device`; the file's settings replace
-    cfg's."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        reason = ("file not found" if isinstance(e, FileNotFoundError)
-                  else f"not a model file ({type(e).__name__})")
-        raise UsageError(f"--load {path}: {reason}; make one with --save") from None
-    if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
-        raise UsageError(f"--load {path}: not a {MODEL_FORMAT} model file of patch_ae.py; make "
-                         f"one with --save")
-    for key in ("backbone", "feat_dim", "image_size", "crop_size"):  # what a model file fixes
-        if key in given and getattr(cfg, key) != blob["config"][key]:
-            raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
-                             f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or "
-                             f"retrain")
-        setattr(cfg, key, blob["config"][key])
-    if "image_score" not in given:
-        cfg.image_score = blob["config"]["image_score"]
-    encoder = Encoder(load_backbone(cfg.backbone, "none"), cfg.feat_dim)
-    decoder = Decoder(encoder.feat_dim, Encoder.stride) if "decoder" in blob else None
-    try:
-        encoder.load_state_dict(blob["encoder"])
-        if decoder is not None:
-            decoder.load_state_dict(blob["decoder"])
-    except RuntimeError as e:
-        raise UsageError(f"--load {path}: its networks do not fit {cfg.backbone} "
-                         f"({str(e).splitlines()[0]})") from None
-    return {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
-            "decoder": None if decoder is None else decoder.to(device), "untrained": None,
-            **{key: blob.get(key) for key in RUN_FIELDS}}
-
-
-def csv_text(rows: list[list]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
+def record(cfg: Config, layout: str, category: str, seed: int, data: Category, model: dict,
+           result: dict, device: torch.device) -> dict:
+    """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
+    theirs = {**report.published(layout, category), "source": report.PEER_AUROC[layout][0]}
+    return {"dataset": layout, "category": category, "seed": seed, **result,
+            **{key: model.get(key) for key in RUN_FIELDS}, "n_test": len(data.test),
+            "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),
+            "device": str(device), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "published_image_auroc": theirs}
 
 
 def write_results(runs: list[dict], dataset: str, out: Path) -> tuple[list, list, list]:
@@ -1314,191 +1118,6 @@ def write_results(runs: list[dict], dataset: str, out: Path) -> tuple[list, list
     return table
 
 
-# ----------------------------------------------------------------------------------------------
-# One run: train (Sec. 2.5), memory bank (Sec. 2.6), the untrained encoder beside it, the
-# threshold (ours), test (Sec. 3), --predict
-# ----------------------------------------------------------------------------------------------
-def split_holdout(cfg: Config, data: Category) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """-> (training images, held-out normal images, the protocol in words). The paper trains on
-    all of train/good; --holdout (ours) holds a share out; MVTec AD 2 brings its own."""
-    layers = ("frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate")
-    recipe = (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
-              f"conv3 and conv4 "
-              f"{layers}, BatchNorm statistics frozen")
-    kept = "the best validated epoch kept (ours)" if cfg.select == "best" else "the last epoch kept"
-    if data.validation is not None:  # MVTec AD 2's validation/good
-        return data.train, data.validation, (
-            f"all {len(data.train)} train/good images train and fill the bank, as the paper's; "
-            f"the dataset's own {len(data.validation)} validation/good images validate and set "
-            f"the threshold; {kept}; {recipe}")
-    order = torch.randperm(len(data.train))
-    n_hold = int(round(len(order) * cfg.holdout))
-    if len(order) - n_hold < 1:
-        raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; "
-                         f"lower it")
-    train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
-    if not n_hold:
-        return train, held, (f"the paper's: all {len(train)} train/good images train and fill "
-                             f"the memory bank, the last epoch kept; {recipe}")
-    return train, held, (f"ours, not the paper's: {n_hold} of {len(order)} train/good images "
-                         f"held out to validate and set the threshold, {kept}; {recipe}")
-
-
-def fit(cfg: Config, data: Category, seed: int, device: torch.device,
-        untrained: bool = True) -> dict:
-    """Train Patch AE, then its memory bank; with `untrained`, the same bank of the untrained
-    encoder, to score beside it; with held-out images, the threshold. Returns the model as run()
-    uses it: encoder, decoder, bank, the untrained encoder and its bank, threshold, curves."""
-    seed_everything(seed)
-    train, held, protocol = split_holdout(cfg, data)
-    if not len(held) and cfg.select == "best" and cfg.epochs > 0:
-        raise UsageError("--select best validates on held-out normal images, and --holdout 0 "
-                         "leaves none; pass --holdout 0.1, or drop --select best")
-    print(f"training on {len(train)} images, {len(held)} held out\nprotocol: {protocol}",
-          flush=True)
-    model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
-    cfg.feat_dim = model.encoder.feat_dim
-    initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
-
-    def bank_of(encoder: nn.Module, desc: str = "features") -> torch.Tensor:
-        """One construction for both encoders: the training images, the coreset ratio, the seed."""
-        features = extract_features(encoder, train, cfg.batch_size, device, desc)
-        return build_memory_bank(features, cfg.coreset_ratio, seed)
-    t0 = clock(device)
-    val = make_validation(held, train, seed) if len(held) else None
-    training = train_patch_ae(model, train, cfg, device, val)
-    t1 = clock(device)
-    bank = bank_of(model.encoder)
-    t2 = clock(device)
-    print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {t2 - t1:.1f}s; "
-          f"training + bank {t2 - t0:.1f}s", flush=True)
-    epoch0 = None  # the untrained encoder and its bank, built as the trained one's
-    if untrained and training["selected_epoch"] == 0:  # the kept encoder is the untrained one
-        epoch0 = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
-    elif untrained:
-        epoch0 = {"encoder": initial.to(device), "bank": bank_of(initial, "untrained encoder")}
-        epoch0["seconds"] = clock(device) - t2
-    threshold, scale = None, None
-    if len(held):  # from normal images alone: the THRESHOLD_QUANTILE quantile of their scores
-        s, maps = score_images(model.encoder, bank, held, cfg.batch_size, device, cfg.image_score,
-                               desc="held-out")
-        threshold = float(np.quantile(s, THRESHOLD_QUANTILE))
-        scale = heat_scale(maps, "the held-out normal images")
-        print(f"threshold {threshold:.4f} = {THRESHOLD_QUANTILE:g} quantile of {len(held)} "
-              f"held-out scores", flush=True)
-    return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank,
-            "untrained": epoch0, "threshold": threshold, "heat_scale": scale,
-            "n_train": len(train), "n_holdout": len(held), "protocol": protocol,
-            "train_seconds": t2 - t0, "bank_seconds": t2 - t1, **training}
-
-
-def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
-             out: Path) -> tuple[dict, dict]:
-    """The test set's metrics, F1 at the threshold and ms per image; the untrained encoder's
-    metrics beside them; --save-maps pictures. Returns (result, scored: the image scores, maps,
-    the untrained encoder's scores, the heatmap colours)."""
-    t0 = clock(device)
-    scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size,
-                                device, cfg.image_score, desc="test")
-    ms = (clock(device) - t0) / len(data.test) * 1000
-    thr, both_classes = model["threshold"], len(np.unique(data.labels)) == 2
-    f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
-    result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1,
-              "ms_per_image": ms, "untrained": None, "untrained_seconds": None,
-              "reconstruction_psnr": None}
-    if model["decoder"] is not None:  # on the normal test images
-        normal = data.test[torch.from_numpy(data.labels == 0)]
-        result["reconstruction_psnr"] = reconstruction_psnr(model["encoder"], model["decoder"],
-                                                            normal, cfg.batch_size, device)
-    epoch0, untrained_scores = model["untrained"], None
-    if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
-        untrained_scores, untrained_maps = scores, maps
-    elif epoch0 is not None:
-        t0 = clock(device)
-        untrained_scores, untrained_maps = score_images(
-            epoch0["encoder"], epoch0["bank"], data.test, cfg.batch_size, device,
-            cfg.image_score, desc="test, untrained encoder")
-        epoch0["seconds"] += clock(device) - t0
-    if epoch0 is not None:
-        result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
-                                              untrained_maps)
-        result["untrained_seconds"] = epoch0["seconds"]
-    scale = model["heat_scale"]
-    if scale is None:  # no held-out images: the normal test images anchor the colours
-        normal = maps[torch.from_numpy(data.labels == 0)]
-        source = "the normal test images (the model has no held-out images)"
-        scale = heat_scale(normal, source) if len(normal) else own_scale(maps)
-    for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
-        p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
-        save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
-                     picture(model, data.test[i], maps[i], scale, device, mask))
-    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
-                    "scale": scale}
-
-
-def predict_folder(cfg: Config, model: dict, folder: Path, device: torch.device,
-                   out: Path) -> tuple[str, str | None]:
-    """Scores every image under `folder` (recursively) into predictions.csv and one heatmap each
-    (input | heatmap), named after the whole file name (a.png -> a.png.png), a batch at a time:
-    memory stays flat but for the CSV rows and the report's top images. An unreadable file gets
-    a row saying why; the others are scored. Returns the report's section and None, or, when
-    some files could not be read, the line that ends the run (exit code 2)."""
-    if not folder.is_dir():
-        raise UsageError(f"--predict {folder}: folder not found")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-    if not paths:
-        raise UsageError(f"--predict {folder}: no images ({', '.join(IMAGE_EXTS)}) in or below it")
-    thr, scale = model["threshold"], model["heat_scale"]
-    if thr is None:
-        print("note: the model has no threshold (trained without held-out images), so "
-              "is_anomalous stays empty; train with --holdout 0.1 for one")
-    if scale is None:
-        print("note: the model has no heatmap colour scale (no held-out images): each heatmap is "
-              "coloured from its own lowest to its highest pixel")
-    rows, errors, top, all_scores = [["path", "score", "is_anomalous", "error"]], {}, [], []
-    progress = Progress("predict", len(paths), "img")
-    for start in range(0, len(paths), cfg.batch_size):
-        batch, images = paths[start:start + cfg.batch_size], []
-        for p in batch:
-            try:
-                images.append(read_image(p, cfg.image_size, cfg.crop_size))
-            except UsageError as e:  # this file's row says why; the others are scored
-                errors[p.relative_to(folder)] = str(e).removeprefix(f"{p}: ")
-        scores, maps = [], []
-        if images:
-            scores, maps = score_images(model["encoder"], model["bank"], torch.stack(images),
-                                        cfg.batch_size, device, cfg.image_score, desc="")
-        progress.update(len(batch))
-        scored = iter(zip(scores, images, maps))
-        for rel in (p.relative_to(folder) for p in batch):
-            if rel in errors:
-                rows.append([str(rel), "", "", errors[rel]])
-                continue
-            s, image, amap = next(scored)
-            rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), ""])
-            all_scores.append(float(s))
-            colours = scale or own_scale(amap)
-            save_heatmap(out / "heatmaps" / rel.with_name(rel.name + ".png"),
-                         picture(model, image, amap, colours, device, reconstruction=False))
-            top = sorted(top + [(float(s), str(rel), image, amap, colours)],
-                         key=lambda t: -t[0])[:cfg.report_images]
-    atomic_save(csv_text(rows), out / "predictions.csv")
-    scores = np.array(all_scores)
-    flagged = ("no threshold in the model" if thr is None else
-               f"{int((scores >= thr).sum())} at or above the threshold {thr:.4f}")
-    print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
-    pictures = [(picture(model, image, amap, colours, device), f"{rel}: score {s:.4g}")
-                for s, rel, image, amap, colours in top]
-    section = report.predictions_section(str(folder), scores, thr, flagged, pictures,
-                                         {str(k): v for k, v in errors.items()}, scale,
-                                         model["decoder"] is not None)
-    if errors:
-        return section, (f"--predict {folder}: {len(errors)} of {len(paths)} files could not be "
-                         f"read (the error column of {out / 'predictions.csv'} says why); the "
-                         f"other {len(scores)} were scored")
-    return section, None
-
-
 def report_run(r: dict, model: dict, data: Category, scored: dict, n: int,
                device: torch.device) -> str:
     """report.html's section of one run: report.py gets plain values and, to draw a test image's
@@ -1513,7 +1132,7 @@ def report_run(r: dict, model: dict, data: Category, scored: dict, n: int,
 
 
 # ----------------------------------------------------------------------------------------------
-# main
+# main: the paper's run on each category and seed asked for
 # ----------------------------------------------------------------------------------------------
 def output_folder(cfg: Config) -> Path:
     out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
@@ -1524,79 +1143,79 @@ def output_folder(cfg: Config) -> Path:
     return out
 
 
-def categories_and_seeds(cfg: Config, root: Path):
-    """Yields (category, seed, data) for every run the flags ask for, each category read once."""
-    categories = find_categories(root, cfg.dataset) if cfg.category == "all" else [cfg.category]
+def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC, one: bool = False):
+    """Yields (category, seed, data) for every run the flags ask for, each category read once;
+    `one`: a single run is all that makes sense (deploy.py's model files)."""
+    categories = find_categories(root, layout) if cfg.category == "all" else [cfg.category]
     if not categories:
         raise UsageError(f"--category all: no category under {root}; expected "
-                         f"{LAYOUTS[cfg.dataset]} (--dataset {cfg.dataset})")
-    seeds = cfg.seed[:1] if cfg.load else cfg.seed
-    if (cfg.save or cfg.predict) and len(categories) * len(seeds) > 1:
+                         f"{layout.tree} (--dataset {layout.name})")
+    seeds = cfg.seed[:1] if one else cfg.seed
+    if one and len(categories) * len(seeds) > 1:
         raise UsageError("--save and --predict take one category and one seed")
     for category in categories:
-        data = load_category(root, category, cfg.image_size, cfg.crop_size, cfg.dataset)
+        data = load_category(root, category, cfg.image_size, cfg.crop_size, layout)
         for seed in seeds:
             print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test "
                   f"images", flush=True)
             yield category, seed, data
 
 
-def record(cfg: Config, category: str, seed: int, data: Category, model: dict, result: dict,
-           device: torch.device) -> dict:
-    """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
-    theirs = {**report.published(cfg.dataset, category),
-              "source": report.PEER_AUROC[cfg.dataset][0]}
-    return {"dataset": cfg.dataset, "category": category, "seed": seed, **result,
-            **{key: model[key] for key in RUN_FIELDS}, "n_test": len(data.test),
-            "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),
-            "device": str(device), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "published_image_auroc": theirs}
+def print_header(cfg: Config, device: torch.device, weights: str) -> None:
+    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"backbone {cfg.backbone}, weights {weights}", flush=True)
+    if weights == "none":
+        print("note: --weights none (random init): results are not comparable with the paper's")
 
 
-def run(cfg: Config, given: set) -> list[dict]:
-    """Each step the flags ask for: train (or load) and test, the results, --predict,
-    report.html. Returns the records."""
+def test_run(cfg: Config, layout: str, category: str, seed: int, data: Category, model: dict,
+             device: torch.device, out: Path) -> tuple[dict, str | None]:
+    """Scores the test set with the trained encoder (the untrained one beside it), prints the
+    result line. Returns the record and report.html's section (None without a report)."""
+    result, scored = evaluate(cfg, model, data, device, out)
+    r = record(cfg, layout, category, seed, data, model, result, device)
+    print(report.result_line(r), flush=True)
+    if result["untrained_seconds"]:
+        print(f"untrained encoder: its bank and the test set in "
+              f"{result['untrained_seconds']:.1f}s", flush=True)
+    section = None
+    if cfg.report_images:
+        section = report_run(r, model, data, scored, cfg.report_images, device)
+    return r, section
+
+
+def write_report(cfg: Config, out: Path, subject: str, weights: str, device: torch.device,
+                 sections: list) -> None:
+    if cfg.report_images:
+        report.write_report(out / "report.html", f"Patch AE: {subject}, {cfg.backbone}, weights "
+                            f"{weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
+
+
+def run(cfg: Config) -> list[dict]:
+    """The paper's protocol on each category and seed: train, bank, test; then results and
+    report. Returns the records."""
     device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
     if cfg.synthetic:
         make_synthetic_category(root)
-    model = load_model(cfg.load, cfg, given, device) if cfg.load else None
-    weights = "from " + cfg.load if cfg.load else cfg.weights
-    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"backbone {cfg.backbone}, weights {weights}", flush=True)
-    if cfg.weights == "none" and not cfg.load:
-        print("note: --weights none (random init): results are not comparable with the paper's")
-    runs, sections, unreadable = [], [], None
-    if not (cfg.load and cfg.predict):  # a loaded model with --predict only scores the folder
-        for category, seed, data in categories_and_seeds(cfg, root):
-            model = model if cfg.load else fit(cfg, data, seed, device)
-            result, scored = evaluate(cfg, model, data, device, out)
-            runs.append(record(cfg, category, seed, data, model, result, device))
-            print(report.result_line(runs[-1]), flush=True)
-            if result["untrained_seconds"]:
-                print(f"untrained encoder: its bank and the test set in "
-                      f"{result['untrained_seconds']:.1f}s", flush=True)
-            if cfg.report_images:
-                sections.append(report_run(runs[-1], model, data, scored, cfg.report_images,
-                                           device))
-            if cfg.save:
-                save_model(cfg.save, cfg, model)
-        sections.insert(0, report.table_section(*write_results(runs, cfg.dataset, out)))
-    if cfg.predict:
-        section, unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
+    print_header(cfg, device, cfg.weights)
+    runs, sections = [], []
+    for category, seed, data in categories_and_seeds(cfg, root):
+        print(f"training on all {len(data.train)} train/good images", flush=True)
+        model = fit(cfg, data.train, seed, device)
+        model["protocol"] = paper_protocol(cfg, len(data.train))
+        print(f"protocol: {model['protocol']}", flush=True)
+        r, section = test_run(cfg, MVTEC.name, category, seed, data, model, device, out)
+        runs.append(r)
         sections.append(section)
-    if cfg.report_images:
-        subject = cfg.predict if cfg.load and cfg.predict else cfg.category
-        report.write_report(out / "report.html", f"Patch AE: {subject}, {cfg.backbone}, weights "
-                            f"{weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
-    if unreadable:
-        raise UsageError(unreadable)
+    table = report.table_section(*write_results(runs, MVTEC.name, out))
+    write_report(cfg, out, cfg.category, cfg.weights, device, [table, *sections])
     return runs
 
 
 def main(argv=None) -> list[dict]:
     try:
-        cfg, given = parse_config(argv)
-        return run(cfg, given)
+        values, given = parse_flags(Config, argv, __doc__.split("\n")[0], EXAMPLES)
+        return run(make_config(values, given))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -426,15 +426,19 @@ def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, n
 # ------------------------------------------------------------------------------------------------
 # Sections
 # ------------------------------------------------------------------------------------------------
-def training_sentence(selected_epoch: int | None, comparison: list) -> str:
-    """One sentence on what training changed, or why the numbers are the untrained encoder's.
-    comparison: [(metric name, untrained value, kept value)]."""
+def training_sentence(selected_epoch: int | None, comparison: list, untrained_scored: bool) -> str:
+    """One sentence on what training changed, or why the numbers are the untrained encoder's, or
+    why there is no change to show. comparison: [(metric name, untrained value, kept value)];
+    untrained_scored: whether this run scored the untrained encoder (a loaded model has none)."""
     if selected_epoch == 0:
         return ("The untrained encoder was kept (epoch 0: no training, or no trained epoch beat "
                 "it on validation), so every number here is the untrained encoder's.")
+    if not untrained_scored:
+        return "The untrained encoder is scored only in runs that train (this model was loaded)."
     rows = [(name, u, t) for name, u, t in comparison if u is not None and t is not None]
     if not rows:
-        return "The untrained encoder is scored only in runs that train (this model was loaded)."
+        return ("No metric is defined on this test set (AUROC needs normal and defective images, "
+                "the pixel metrics need defect masks), so what training changed is not measured.")
     changes = [f"{name} by {change(t, u)} points ({fmt(u)} to {fmt(t)})" for name, u, t in rows]
     return "Training changed " + ", ".join(changes) + "."
 
@@ -495,7 +499,7 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
     return "".join([
         f"<h2>{esc(r['category'])}, seed {esc(r['seed'])}</h2><p>{summary}</p>",
         "<h3>What training changed</h3>", table,
-        f"<p>{esc(training_sentence(sel, comparison))}</p>",
+        f"<p>{esc(training_sentence(sel, comparison, r['untrained'] is not None))}</p>",
         "<h3>Training</h3>", f'<div class="plots">{"".join(plots)}</div>',
         "<h3>Image scores</h3>",
         f'<div class="plots">{roc}{histogram}</div>',

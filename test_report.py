@@ -26,7 +26,7 @@ def test_change_is_the_difference_of_the_shown_values():
         "image_auroc_std": None, "untrained_image_auroc": 0.8766, "pixel_auroc": None,
         "pixel_aupro": None, "train_seconds": 1.0, "ms_per_image": 1.0}], [], "")
     assert cells[0][header.index("image AUROC")] == "87.4 (87.7, -0.3)"
-    sentence = report.training_sentence(10, [("image AUROC", 0.8766, 0.8744)])
+    sentence = report.training_sentence(10, [("image AUROC", 0.8766, 0.8744)], True)
     assert sentence == "Training changed image AUROC by -0.3 points (87.7 to 87.4)."
 
 
@@ -134,3 +134,34 @@ def test_the_page_is_utf8_whatever_the_locale(tmp_path):
     assert done.returncode == 0, done.stderr
     page = (tmp_path / "report.html").read_bytes().decode("utf-8")
     assert "<meta charset='utf-8'>" in page and f"<title>{title}</title>" in page
+
+
+def run_record(**changes) -> dict:
+    """A run's record as run_section reads it (results.json's fields): a trained run, epoch 3
+    kept, no threshold, its untrained encoder scored."""
+    metrics = {"image_auroc": 0.9, "pixel_auroc": 0.95, "pixel_aupro": 0.8}
+    return {"category": "bottle", "seed": 0, "selected_epoch": 3, "threshold": None,
+            "f1_at_threshold": None, "ms_per_image": 5.0, "validation_curve": [],
+            "loss_by_epoch": [0.3, 0.2, 0.1], "untrained": {m: v - 0.1 for m, v in metrics.items()},
+            **metrics, **changes}
+
+
+def run_page(r: dict, labels=(0, 0, 1, 1), reconstruction=True) -> str:
+    """run_section's HTML for record r on four test images, as text."""
+    labels, scores = np.array(labels), np.linspace(0.1, 0.4, len(labels))
+    pixels = np.zeros((4, 8, 3), np.uint8)
+    section = report.run_section(r, labels, scores, scores - 0.01, [f"img{i}" for i in
+                                 range(len(labels))], HELD_OUT, lambda i: pixels, 2, masks=True,
+                                 reconstruction=reconstruction)
+    return html.unescape(re.sub(r"<[^>]+>", " ", section))
+
+
+def test_a_trained_run_with_no_defined_metric_is_not_called_loaded():
+    none = {"image_auroc": None, "pixel_auroc": None, "pixel_aupro": None}
+    trained = run_page(run_record(**none, untrained=dict(none)), labels=(0, 0, 0, 0))
+    assert "loaded" not in trained
+    assert "No metric is defined on this test set" in trained
+    loaded = run_page(run_record(untrained=None))
+    assert "The untrained encoder is scored only in runs that train (this model was loaded)." \
+        in loaded
+    assert "Training changed image AUROC by +10.0 points (80.0 to 90.0)" in run_page(run_record())
