@@ -222,6 +222,17 @@ def heat_position(amap: np.ndarray, scale: dict) -> np.ndarray:
     return (amap - scale["low"]) / max(2 * (scale["mid"] - scale["low"]), 1e-12)
 
 
+def reconstruction_title(selected_epoch: int | None) -> str:
+    """The reconstruction panel's name: with epoch 0 kept, the decoder is the untrained one."""
+    return "untrained decoder" if selected_epoch == 0 else "reconstruction"
+
+
+def panel_titles(recon: str | None, mask: bool) -> list[str]:
+    """The panels' names, left to right; recon: the reconstruction panel's, None without it."""
+    return ["input", *([] if recon is None else [recon]), "anomaly map",
+            *(["ground truth"] if mask else [])]
+
+
 def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale: dict,
            mask: np.ndarray | None = None) -> np.ndarray:
     """(S, S*k, 3) uint8: input | reconstruction (if given) | heatmap over the input | mask (if
@@ -490,12 +501,16 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
         decision = (f"Threshold {thr:.4g} (from the held-out normal images): flags {alarms} of "
                     f"{len(normal)} normal test images, {missed}; "
                     f"F1 {fmt(r['f1_at_threshold'])}.")
-    recon = " | reconstruction (the decoder's output for that image)" if reconstruction else ""
-    mask = " | ground-truth mask" if masks else " (this test set has no masks)"
-    guide = (f"Each picture: input{recon} | heatmap over the input{mask}. "
-             + ("Where the reconstruction also rebuilds the defect, the features describe it, "
-                "which is the paper's idea; " if reconstruction else "")
-             + "the heat is each patch's distance to its nearest normal feature.")
+    recon = reconstruction_title(sel) if reconstruction else None
+    about = {"reconstruction": "The reconstruction is the decoder's output for that image: where "
+                               "it also rebuilds the defect, the features describe it, which is "
+                               "the paper's idea. ",
+             "untrained decoder": "The untrained decoder's output is flat: epoch 0 was kept, so "
+                                  "the decoder has had no training step. ",
+             None: ""}[recon]
+    guide = (f"Each picture: {' | '.join(panel_titles(recon, masks))}"
+             f"{'' if masks else ' (this test set has no masks)'}. {about}The anomaly map, over "
+             f"the input, is each patch's distance to its nearest normal feature.")
     return "".join([
         f"<h2>{esc(r['category'])}, seed {esc(r['seed'])}</h2><p>{summary}</p>",
         "<h3>What training changed</h3>", table,
@@ -514,7 +529,8 @@ def predictions_section(folder: str, scores: np.ndarray, thr: float | None, flag
     """--predict: the folder's score distribution, its highest-scoring images (pictures:
     [(pixels, caption)]) and every file that could not be read, with its reason."""
     unread = "".join(f"<p><b>{esc(path)}</b>: {esc(why)}</p>" for path, why in errors.items())
-    recon = " | reconstruction" if reconstruction else " (the model file has no decoder)"
+    titles = " | ".join(panel_titles("reconstruction" if reconstruction else None, False))
+    no_decoder = "" if reconstruction else " (the model file has no decoder)"
     colours = (colour_bar(scale, thr is not None)
                if scale else "<p>Each heatmap is coloured from its own lowest to its highest "
                "pixel: the model has no held-out normal images to anchor the colours.</p>")
@@ -522,7 +538,7 @@ def predictions_section(folder: str, scores: np.ndarray, thr: float | None, flag
         f"<h2>Predictions for {esc(folder)}</h2><p>{len(scores)} images scored, {esc(flagged)}; "
         f"every score in predictions.csv.</p>",
         f'<div class="plots">{score_histogram([("scored", scores, "black")], thr)}</div>',
-        f"<p>Each picture: input{recon} | heatmap over the input.</p>", colours,
+        f"<p>Each picture: {titles}{no_decoder}.</p>", colours,
         gallery("Highest-scoring images", pictures, "None: no image could be scored."),
         "<h3>Files that could not be read</h3>", unread or "<p>None.</p>"])
 

@@ -165,3 +165,16 @@ def test_a_trained_run_with_no_defined_metric_is_not_called_loaded():
     assert "The untrained encoder is scored only in runs that train (this model was loaded)." \
         in loaded
     assert "Training changed image AUROC by +10.0 points (80.0 to 90.0)" in run_page(run_record())
+
+
+def test_with_epoch_0_kept_the_reconstruction_panel_is_named_the_untrained_decoder():
+    untrained = run_page(run_record(selected_epoch=0))
+    assert "Each picture: input | untrained decoder | anomaly map | ground truth." in untrained
+    assert "flat: epoch 0 was kept, so the decoder has had no training step" in untrained
+    assert "paper's idea" not in untrained
+    trained = run_page(run_record())
+    assert "Each picture: input | reconstruction | anomaly map | ground truth." in trained
+    assert "paper's idea" in trained and "untrained decoder" not in trained
+    no_decoder = run_page(run_record(selected_epoch=0), reconstruction=False)
+    assert "Each picture: input | anomaly map | ground truth." in no_decoder
+    assert "decoder" not in no_decoder.split("Each picture")[1]
