@@ -4,7 +4,8 @@ report.html, one self-contained page per run.
 It renders what a run gives it (numbers, numpy arrays, strings and a function that draws a test
 image's picture) and imports nothing from patch_ae.py. Inline SVG plots and JPEG pictures, no
 script, font or style from the network: the page opens offline and can be mailed as one file.
-patch_ae.py also takes its heatmap colours from here (panels), for the PNGs it writes.
+patch_ae.py also takes its pictures from here (panels), for the PNGs it writes: with a caption,
+each names its panels and says its score, its verdict and its colour scale in the picture.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import base64
 import html
 import io
 import math
+import functools
 import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import roc_curve
 
 # A jet-like colour map, blue (low) to red (high), its anchors evenly spaced over [0, 1]
@@ -234,22 +236,30 @@ def panel_titles(recon: str | None, mask: bool) -> list[str]:
 
 
 def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale: dict,
-           mask: np.ndarray | None = None) -> np.ndarray:
+           mask: np.ndarray | None = None, *, caption: str | None = None,
+           recon_title: str = "reconstruction") -> np.ndarray:
     """(S, S*k, 3) uint8: input | reconstruction (if given) | heatmap over the input | mask (if
-    given). image, recon: (S, S, 3) uint8; amap: (S, S) float; mask: (S, S) bool."""
+    given). image, recon: (S, S, 3) uint8; amap: (S, S) float; mask: (S, S) bool.
+    With a caption (picture_caption's line), the picture explains itself, as a PNG seen alone
+    must: each panel's name above it (recon_title names the reconstruction's) and, below, the
+    caption and the colour scale; the panels themselves unchanged, (S + strips, S*k, 3)."""
     heat = colorize(heat_position(amap, scale))
     row = [image] + ([] if recon is None else [recon])
     row.append((0.5 * image + 0.5 * heat).astype(np.uint8))
     if mask is not None:
         row.append(np.repeat(mask[..., None].astype(np.uint8) * 255, 3, axis=2))
-    return np.concatenate(row, axis=1)
+    pixels = np.concatenate(row, axis=1)
+    if caption is None:  # report.html labels its pictures in HTML
+        return pixels
+    titles = panel_titles(None if recon is None else recon_title, mask is not None)
+    return explained(pixels, titles, caption, scale)
 
 
-def scale_ticks(scale: dict) -> list[tuple[float, float]]:
-    """The colour scale's marked values, (position on the colour map in [0, 1], value): 'low' at
-    0, 'mid' at the middle, and the value that heat_position puts at the red end."""
+def scale_ticks(scale: dict) -> list[tuple[float, str]]:
+    """The colour scale's marked values, (position on the colour map in [0, 1], value as text):
+    'low' at 0, 'mid' at the middle, and the value that heat_position puts at the red end."""
     low, mid = scale["low"], scale["mid"]
-    return [(0.0, low), (0.5, mid), (1.0, 2 * mid - low)]
+    return [(at, f"{v:.4g}") for at, v in ((0.0, low), (0.5, mid), (1.0, 2 * mid - low))]
 
 
 def middle_text(scale: dict) -> str:
@@ -271,7 +281,7 @@ def colour_bar(scale: dict, threshold: bool) -> str:
     """The heatmaps' colour bar as inline SVG: the ramp as a PNG (no gradient id, which would
     repeat when a page holds several bars), the values at its ends and middle, what the middle
     is, and, with a threshold, that the threshold is not on this scale."""
-    ticks = "".join(f'<text x="{20 + 600 * at:g}" y="46" text-anchor="{anchor}">{v:.4g}</text>'
+    ticks = "".join(f'<text x="{20 + 600 * at:g}" y="46" text-anchor="{anchor}">{v}</text>'
                     for (at, v), anchor in zip(scale_ticks(scale), ("start", "middle", "end")))
     lines = [middle_text(scale)]
     if threshold:
@@ -290,6 +300,81 @@ def image_uri(pixels: np.ndarray, kind: str = "JPEG") -> str:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, kind, **({"quality": 85} if kind == "JPEG" else {}))
     return f"data:image/{kind.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures that explain themselves: the PNGs' panel names, caption and colour scale, drawn in
+# with Pillow's own font (no font file, no network)
+# ------------------------------------------------------------------------------------------------
+def picture_caption(score: float, threshold: float | None, name: str | None = None) -> str:
+    """A PNG's caption: '[name: ]flagged, score 0.412 >= threshold 0.38', '..normal, score 0.2 <
+    threshold 0.38', or '..score 0.412, no threshold'."""
+    if threshold is None:
+        text = f"score {score:.4g}, {verdict(score, threshold)}"
+    else:
+        sign = ">=" if flagged(score, threshold) else "<"
+        text = f"{verdict(score, threshold)}, score {score:.4g} {sign} threshold {threshold:.4g}"
+    return text if name is None else f"{name}: {text}"
+
+
+@functools.lru_cache(maxsize=None)
+def typeface(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font at px pixels; Pillow before 10.1 has only its fixed bitmap font."""
+    try:
+        return ImageFont.load_default(px)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def line_height(face) -> int:
+    return face.getbbox("Ag")[3] + 3
+
+
+def wrapped(text: str, face, width: float) -> list[str]:
+    """text in lines within width pixels, broken between words (a longer word keeps its line)."""
+    lines = []
+    for word in text.split(" "):
+        if lines and face.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def explained(pixels: np.ndarray, titles: list[str], caption: str, scale: dict) -> np.ndarray:
+    """(S, S*k, 3) panels -> (top + S + bottom, S*k, 3): a strip with each panel's title over
+    it, and a strip under them with the caption, the colour ramp marked at its low, middle and
+    high values, and what the middle is. Text scales with S: 1/16 of it, at least 10 px."""
+    side, width = pixels.shape[:2]
+    px = max(10, side // 16)
+    pad, face = px // 2, typeface(px)
+    heading = next((typeface(k) for k in range(px, 6, -1)  # the largest at which all fit
+                    if all(typeface(k).getlength(t) <= side - 4 for t in titles)), typeface(6))
+    inner = width - 2 * pad                                # the caption's and the ramp's width
+    lines, about = wrapped(caption, face, inner), wrapped(middle_text(scale), face, inner)
+    top, step = line_height(heading) + pad, line_height(face)
+    bottom = 3 * pad + step * (len(lines) + 1 + len(about)) + px + 2
+    canvas = Image.new("RGB", (width, top + side + bottom), "white")
+    canvas.paste(Image.fromarray(pixels), (0, top))
+    draw = ImageDraw.Draw(canvas)
+    for k, title in enumerate(titles):
+        draw.text((k * side + (side - heading.getlength(title)) / 2, pad / 2), title, "black",
+                  heading)
+    y = top + side + pad
+    for line in lines:
+        draw.text((pad, y), line, "black", face)
+        y += step
+    y += pad
+    canvas.paste(Image.fromarray(np.repeat(ramp(inner), px, axis=0)), (pad, y))
+    draw.line([(width // 2, y - 2), (width // 2, y + px + 1)], "black", 2)  # the middle
+    y += px + 2
+    for (at, value), align in zip(scale_ticks(scale), (0, 0.5, 1)):  # left, centred, right
+        draw.text((pad + at * inner - align * face.getlength(value), y), value, "black", face)
+    y += step
+    for line in about:
+        draw.text((pad, y), line, "black", face)
+        y += step
+    return np.asarray(canvas)
 
 
 # ------------------------------------------------------------------------------------------------

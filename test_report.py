@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFont
 
 import report
 
@@ -178,3 +178,72 @@ def test_with_epoch_0_kept_the_reconstruction_panel_is_named_the_untrained_decod
     no_decoder = run_page(run_record(selected_epoch=0), reconstruction=False)
     assert "Each picture: input | anomaly map | ground truth." in no_decoder
     assert "decoder" not in no_decoder.split("Each picture")[1]
+
+
+def picture_parts(side=64, seed=0):
+    """image, reconstruction (S, S, 3) uint8, anomaly map (S, S) and mask (S, S) of a test image."""
+    rng = np.random.default_rng(seed)
+    image, recon = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    amap = rng.uniform(0, 1, (side, side))
+    return image, recon, amap, amap > 0.9
+
+
+def test_plain_panels_are_the_pictures_side_by_side():
+    image, recon, amap, mask = picture_parts()
+    pixels = report.panels(image, recon, amap, HELD_OUT, mask)
+    assert pixels.shape == (64, 4 * 64, 3) and pixels.dtype == np.uint8
+    heat = report.colorize(report.heat_position(amap, HELD_OUT))
+    assert np.array_equal(pixels[:, :64], image) and np.array_equal(pixels[:, 64:128], recon)
+    assert np.array_equal(pixels[:, 128:192], (0.5 * image + 0.5 * heat).astype(np.uint8))
+    assert np.array_equal(pixels[:, 192:], np.repeat(mask[..., None] * np.uint8(255), 3, 2))
+    assert report.panels(image, None, amap, HELD_OUT).shape == (64, 2 * 64, 3)
+
+
+def test_a_captioned_picture_holds_the_panels_unchanged_between_its_strips():
+    image, recon, amap, mask = picture_parts()
+    plain = report.panels(image, recon, amap, HELD_OUT, mask)
+    caption = report.picture_caption(0.7, 0.5, "broken/000.png")
+    pixels = report.panels(image, recon, amap, HELD_OUT, mask, caption=caption)
+    assert pixels.dtype == np.uint8 and pixels.shape[1:] == (4 * 64, 3)
+    top = next(t for t in range(pixels.shape[0] - 64) if np.array_equal(pixels[t:t + 64], plain))
+    titles, below = pixels[:top], pixels[top + 64:]
+    assert 10 <= top and len(below) > 3 * top  # the caption, the ramp, its values, its middle
+    for k in range(4):  # a name over each panel: dark text on white
+        assert titles[:, 64 * k:64 * (k + 1)].min() < 100
+    # the ramp's two ends in the caption strip: colours that the text (grey) never has
+    blue, red = report.ramp(2)[0]
+    colours = set(map(tuple, below.reshape(-1, 3)))
+    assert tuple(blue) in colours and tuple(red) in colours
+    # the strips follow their arguments: another caption, another reconstruction title
+    other = report.panels(image, recon, amap, HELD_OUT, mask,
+                          caption=report.picture_caption(0.3, 0.5, "broken/000.png"))
+    assert np.array_equal(other[:top], titles) and not np.array_equal(other[top + 64:], below)
+    # at 224 px both names fit at the full size: only the reconstruction's name changes
+    image, recon, amap, mask = picture_parts(224)
+    named = [report.panels(image, recon, amap, HELD_OUT, mask, caption=caption, recon_title=title)
+             for title in ("reconstruction", "untrained decoder")]
+    changed = np.any(named[0] != named[1], axis=(0, 2))  # (4 * 224,): which columns differ
+    assert changed[224:448].any() and not changed[:224].any() and not changed[448:].any()
+
+
+def test_captions_say_the_score_and_the_verdict_by_the_threshold_rule():
+    assert report.picture_caption(0.5, 0.5, "a.png") == "a.png: flagged, score 0.5 >= threshold 0.5"
+    assert report.picture_caption(0.49, 0.5) == "normal, score 0.49 < threshold 0.5"
+    assert report.picture_caption(0.123456, None) == "score 0.1235, no threshold"
+    assert report.reconstruction_title(0) == "untrained decoder"
+    assert report.reconstruction_title(5) == report.reconstruction_title(None) == "reconstruction"
+
+
+def test_pictures_are_captioned_with_the_bitmap_font_of_older_pillow(monkeypatch):
+    """Pillow before 10.1 has no sized default font: load_default() takes no size there."""
+    bitmap = ImageFont.load_default_imagefont()
+    monkeypatch.setattr(report.ImageFont, "load_default", lambda: bitmap)
+    report.typeface.cache_clear()
+    try:
+        assert report.typeface(14) is bitmap
+        image, recon, amap, mask = picture_parts()
+        pixels = report.panels(image, recon, amap, HELD_OUT, mask,
+                               caption=report.picture_caption(0.7, None, "a.png"))
+        assert pixels.shape[0] > 64 and pixels.shape[1:] == (4 * 64, 3)
+    finally:
+        report.typeface.cache_clear()
