@@ -12,8 +12,8 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Callable
@@ -238,8 +238,8 @@ def panel_titles(recon: str | None, mask: bool) -> list[str]:
 def panels(image: np.ndarray, recon: np.ndarray | None, amap: np.ndarray, scale: dict,
            mask: np.ndarray | None = None, *, caption: str | None = None,
            recon_title: str = "reconstruction") -> np.ndarray:
-    """(S, S*k, 3) uint8: input | reconstruction (if given) | heatmap over the input | mask (if
-    given). image, recon: (S, S, 3) uint8; amap: (S, S) float; mask: (S, S) bool.
+    """(S, S*k, 3) uint8: input | reconstruction (if given) | anomaly map over the input | ground
+    truth mask (if given). image, recon: (S, S, 3) uint8; amap: (S, S) float; mask: (S, S) bool.
     With a caption (picture_caption's line), the picture explains itself, as a PNG seen alone
     must: each panel's name above it (recon_title names the reconstruction's) and, below, the
     caption and the colour scale; the panels themselves unchanged, (S + strips, S*k, 3)."""
@@ -327,6 +327,7 @@ def typeface(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def line_height(face) -> int:
+    """Pixels from one line of text to the next in this face."""
     return face.getbbox("Ag")[3] + 3
 
 
@@ -353,6 +354,7 @@ def explained(pixels: np.ndarray, titles: list[str], caption: str, scale: dict) 
     inner = width - 2 * pad                                # the caption's and the ramp's width
     lines, about = wrapped(caption, face, inner), wrapped(middle_text(scale), face, inner)
     top, step = line_height(heading) + pad, line_height(face)
+    # pad, the caption's lines, pad, the ramp (px + 2), its values' line, the middle's lines, pad
     bottom = 3 * pad + step * (len(lines) + 1 + len(about)) + px + 2
     canvas = Image.new("RGB", (width, top + side + bottom), "white")
     canvas.paste(Image.fromarray(pixels), (0, top))
@@ -545,8 +547,8 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
                 reconstruction: bool) -> str:
     """One category and seed. r: the run's record (results.json's); labels, scores: the test
     images'; untrained_scores: the untrained encoder's; scale: the heatmap colours {low, mid,
-    source}; picture(i): test image i's panels; n: pictures per gallery; masks, reconstruction:
-    whether the pictures have those panels."""
+    source, and quantile where normal maps set mid}; picture(i): test image i's panels; n:
+    pictures per gallery; masks, reconstruction: whether the pictures have those panels."""
     thr, sel, kept = r["threshold"], r["selected_epoch"], kept_label(r["selected_epoch"])
     curve, losses = r["validation_curve"] or [], r["loss_by_epoch"] or []
     untrained = r["untrained"] or {}
