@@ -187,7 +187,7 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Data (Sec. 3: MVTec AD as it unpacks); a synthetic MVTec-style category. Other layouts (VisA,
-# MVTec AD 2) are in datasets.py
+# MVTec AD 2) are in layouts.py
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png,"
               " ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
