@@ -394,9 +394,9 @@ def predict_folder(cfg: DeployConfig, model: dict, folder: Path, device: torch.d
             rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), heatmap, ""])
             all_scores.append(float(s))
             colours = scale or pa.own_scale(amap, "this image's own range")
+            caption = report.picture_caption(float(s), thr, str(rel))
             pa.save_heatmap(out / heatmap, pa.picture(model, image, amap, colours, device,
-                                                      reconstruction=False, score=float(s),
-                                                      threshold=thr))
+                                                      reconstruction=False, caption=caption))
             top = sorted(top + [(float(s), str(rel), image, amap, colours)],
                          key=lambda t: -t[0])[:cfg.report_images]
     pa.atomic_save(pa.csv_text(rows), out / "predictions.csv")

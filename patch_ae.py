@@ -973,8 +973,9 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
         scale = heat_scale(normal, source) if len(normal) else own_scale(maps)
     for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
         p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
+        caption = report.picture_caption(float(scores[i]), thr, f"{p.parent.name}/{p.name}")
         save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
-                     picture(model, data.test[i], maps[i], scale, device, mask))
+                     picture(model, data.test[i], maps[i], scale, device, mask, caption=caption))
     return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
                     "scale": scale}
 
@@ -984,16 +985,18 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 def picture(model: dict, image: torch.Tensor, amap: torch.Tensor, scale: dict,
             device: torch.device, mask: torch.Tensor | None = None,
-            reconstruction: bool = True) -> np.ndarray:
+            reconstruction: bool = True, caption: str | None = None) -> np.ndarray:
     """One picture as report.html and --save-maps show it: input | the decoder's reconstruction
     (when the model has its decoder; --predict's PNGs leave it out, to spare a second forward
-    pass per image) | heatmap over the input | ground-truth mask (if any)."""
+    pass per image) | heatmap over the input | ground-truth mask (if any). With a caption (the
+    PNG files), the panels' names, the caption and the colour scale are drawn in."""
     recon = None
     if reconstruction and model.get("decoder") is not None:
         recon = reconstruct(model["encoder"], model["decoder"], image[None], device)[0]
         recon = recon.permute(1, 2, 0).numpy()
     return report.panels(image.permute(1, 2, 0).numpy(), recon, amap.numpy(), scale,
-                         None if mask is None else mask.numpy())
+                         None if mask is None else mask.numpy(), caption=caption,
+                         recon_title=report.reconstruction_title(model.get("selected_epoch")))
 
 
 def save_heatmap(path: Path, pixels: np.ndarray) -> None:
