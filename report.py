@@ -167,7 +167,8 @@ def result_line(r: dict) -> str:
     text += f", {r['ms_per_image']:.1f} ms/image"
     u = r["untrained"]
     if u is not None and r["selected_epoch"] != 0:
-        text += (f"\n  untrained encoder (epoch 0, same bank construction and test images): "
+        text += (f"\n  untrained encoder (epoch 0; its own bank, built the same way; the same test "
+                 f"images): "
                  f"{' / '.join(fmt(u[m]) for m in METRICS)}; training changed them by "
                  f"{' / '.join(change(r[m], u[m]) for m in METRICS)} points")
     return text
@@ -194,8 +195,9 @@ def table_cells(rows: list[dict], peers: list, source: str) -> tuple[list, list,
               *("n/a" if r[name] is None else str(r[name]) for name in peers)] for r in rows]
     notes = []
     if any(r.get("untrained_" + m) is not None for r in rows for m in METRICS):
-        notes.append("in brackets: the untrained encoder (epoch 0) through the same bank "
-                     "construction and test images, and the change that training made, in points")
+        notes.append("in brackets: the untrained encoder (epoch 0), with its own memory bank "
+                     "built the same way, on the same test images, and the change that training "
+                     "made, in points")
     if any(r[name] is not None for r in rows for name in peers):
         notes.append(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
     return header, cells, notes + [f"protocol: {rows[-1]['protocol']}"]
