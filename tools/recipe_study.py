@@ -28,6 +28,7 @@ VARIANTS = {
     "lr-1e-3": ["--lr", "1e-3"],
     "alpha-1": ["--alpha", "1"],
     "epochs-20": ["--epochs", "20"],
+    "feat-dim-100": ["--feat-dim", "100"],
 }
 
 
