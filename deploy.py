@@ -307,6 +307,7 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
                          f"({str(e).splitlines()[0]})") from None
     return {"encoder": encoder.to(device), "bank": blob["memory_bank"].to(device),
             "decoder": None if decoder is None else decoder.to(device), "untrained": None,
+            "weights": f"from {path}",
             **{key: blob.get(key) for key in KEPT}}
 
 

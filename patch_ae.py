@@ -1032,7 +1032,8 @@ def record(cfg: Config, layout: str, category: str, seed: int, data: Category, m
            result: dict, device: torch.device) -> dict:
     """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
     theirs = {**report.published(layout, category), "source": report.PEER_AUROC[layout][0]}
-    return {"dataset": layout, "category": category, "seed": seed, **result,
+    return {"dataset": layout, "category": category, "seed": seed, "backbone": cfg.backbone,
+            "weights": model.get("weights", cfg.weights), **result,
             **{key: model.get(key) for key in RUN_FIELDS}, "n_test": len(data.test),
             "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),
             "device": str(device), "torch": torch.__version__,
