@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> patch_ae.py flags beyond the common ones; "paper" is the default recipe
+# name -> flags beyond the common ones; "paper" is the default recipe. patch_ae.py runs each,
+# but those that hold images out (deploy.py's flags) run with deploy.py.
 VARIANTS = {
     "paper": [],
     "holdout-best": ["--holdout", "0.1", "--select", "best"],
@@ -47,7 +48,8 @@ def jobs(args) -> list[tuple[Path, list[str]]]:
         for category, where in places:
             for name in args.variants:
                 out = Path(args.out) / name / f"{category}__{seed}"
-                cmd = [sys.executable, str(ROOT / "patch_ae.py"), *where, *common(args),
+                script = "deploy.py" if "--holdout" in VARIANTS[name] else "patch_ae.py"
+                cmd = [sys.executable, str(ROOT / script), *where, *common(args),
                        "--seed", str(seed), "--out", str(out), "--overwrite",
                        "--report-images", "0", *VARIANTS[name]]
                 todo.append((out / "results.json", cmd))
