@@ -201,16 +201,14 @@ def split_holdout(cfg: DeployConfig, data: Category) -> tuple[torch.Tensor, torc
             f"all {len(data.train)} train/good images train and fill the bank, as the paper's; "
             f"the dataset's own {len(data.validation)} validation/good images validate and set "
             f"the threshold; {kept}; {recipe}")
-    if not cfg.holdout:  # the paper's protocol, the same images in the same order as patch_ae.py
+    n_hold = int(round(len(data.train) * cfg.holdout))
+    if not n_hold:  # the paper's protocol, the same images in the same order as patch_ae.py
         return data.train, data.train[:0], pa.paper_protocol(cfg, len(data.train))
+    if len(data.train) - n_hold < 1:
+        raise UsageError(f"--holdout {cfg.holdout} leaves no training image of "
+                         f"{len(data.train)}; lower it")
     order = torch.randperm(len(data.train))
-    n_hold = int(round(len(order) * cfg.holdout))
-    if len(order) - n_hold < 1:
-        raise UsageError(f"--holdout {cfg.holdout} leaves no training image of {len(order)}; "
-                         f"lower it")
     train, held = data.train[order[n_hold:]], data.train[order[:n_hold]]
-    if not n_hold:
-        return train, held, pa.paper_protocol(cfg, len(train))  # a share too small to hold one
     return train, held, (f"ours, not the paper's: {n_hold} of {len(order)} train/good images "
                          f"held out to validate and set the threshold, {kept}; {recipe}")
 

@@ -616,6 +616,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     losses, start = [], time.perf_counter()
     if on_epoch:
         on_epoch(0, model, 0.0)
+        model.train()  # the hook may have scored the model in eval mode
     for epoch in range(1, cfg.epochs + 1):
         t0, total = time.perf_counter(), 0.0
         progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # slow epochs
