@@ -146,7 +146,8 @@ def test_patchcore_features_match_the_official_path(backbone):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         z = model(x)
-        taps = list(model.body(x).values())
+        x3 = model.conv3(model.stem(x))         # the same cut as the Patch AE encoder's
+        taps = [x3, model.conv4(x3)]
     assert [t.shape[-1] for t in taps] == [8, 4]            # stride 8 and stride 16
     assert z.shape == (2, 40, 8, 8)
     assert torch.allclose(z, official_patchcore_features(taps, 96, 40), atol=1e-5)
@@ -196,20 +197,22 @@ def test_patch_ae_flags_come_from_config_and_reach_training(tmp_path, monkeypatc
     class Stop(Exception):
         pass
 
-    def spy(cfg, data, seed, device, untrained=True):
-        seen.append((cfg, seed, untrained))
+    def spy(cfg, train, seed, device, untrained=True):
+        seen.append((cfg, train, seed, untrained))
         raise Stop
     seen = []
     monkeypatch.setattr(bench, "fit", spy)
     with pytest.raises(Stop):
         bench.main(TINY + ["--data-root", str(tmp_path / "data"), "--lr", "1e-5", "--alpha", "0.3",
                            "--seed", "2"])
-    cfg, seed, untrained = seen[0]
+    cfg, train, seed, untrained = seen[0]
     assert (cfg.lr, cfg.alpha, cfg.epochs, cfg.batch_size) == (1e-5, 0.3, 1, 8)
     assert (cfg.backbone, cfg.crop_size) == ("resnet18", 64)
     assert (cfg.category, cfg.data_root) == ("synthetic", str(tmp_path / "data"))
-    # the paper's protocol, as PatchCore uses every image; bench times no untrained encoder
-    assert (cfg.holdout, cfg.select, cfg.seed, seed, untrained) == (0.0, "last", [2], 2, False)
+    # the paper's protocol (every train/good image trains; no held-out images exist in Config),
+    # as PatchCore uses every image; bench times no untrained encoder
+    assert not hasattr(cfg, "holdout") and len(train) == 20   # --max-train 20: all of them
+    assert (cfg.seed, seed, untrained) == ([2], 2, False)
 
 
 def test_timed_pass_scores_both_methods_as_patch_ae_does(tmp_path):
@@ -236,7 +239,7 @@ def test_scaling_reads_c3_without_building_the_backbone(monkeypatch, capsys):
 
     def spy(name, weights):
         model = load(name, weights)
-        devices.append((name, next(model.parameters()).device.type))
+        devices.append((name, next(model.conv4.parameters()).device.type))
         return model
     monkeypatch.setattr(bench, "load_backbone", spy)
     result = bench.main(["--scaling", "--bank-rows", "50", "--coreset-rows", "0", "--warmup", "0",
