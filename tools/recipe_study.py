@@ -77,13 +77,14 @@ def run_all(args) -> None:
         print(f"{'ok' if rc == 0 else f'FAILED ({rc})'}: {path}", flush=True)
 
 
-def mean_std(values: list) -> str:
+def mean_std(values: list, seeds: int) -> str:
+    """mean +- std; fewer runs than seeds say how many they are."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}"
+    text = f"{values[0]:.1f}" if len(values) == 1 else (
+        f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}")
+    return text if len(values) == seeds else f"{text} ({len(values)} run{'s' * (len(values) > 1)})"
 
 
 def table(args) -> str:
@@ -112,10 +113,12 @@ def table(args) -> str:
                   "|---" * (len(categories) + 2) + "|"]
         for name, cells in rows.items():
             scaled = {c: [v * scale for v in vs if v is not None] for c, vs in cells.items()}
+            # the mean over categories, seed by seed: only where every category has that seed
             per_seed = [statistics.mean(vs) for vs in zip(*scaled.values())] if all(
                 scaled.values()) else []
-            lines.append(f"| {name} | " + " | ".join(mean_std(scaled[c]) for c in categories)
-                         + f" | {mean_std(per_seed)} |")
+            n = len(args.seeds)
+            lines.append(f"| {name} | " + " | ".join(mean_std(scaled[c], n) for c in categories)
+                         + f" | {mean_std(per_seed, n)} |")
     return "\n".join(lines)
 
 
