@@ -307,7 +307,7 @@ MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/data
 def find_categories(root: Path, layout: Layout = MVTEC) -> list[str]:
     if not root.is_dir():
         raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree} "
-                         f"(--dataset {layout.name}). Get it from {layout.url} and pass "
+                         f"({layout.name} layout). Get it from {layout.url} and pass "
                          f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
     return layout.categories(root)
 
@@ -319,7 +319,7 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int,
     if category not in found:
         raise UsageError(f"--category {category}: not found under {root}; found: "
                          f"{', '.join(found) or 'none'} (expected {layout.tree}; "
-                         f"--dataset {layout.name})")
+                         f"{layout.name} layout)")
     train_paths, test_items, validation_paths = layout.read(root, category)
     test_paths, labels, mask_paths = (list(column) for column in zip(*test_items))
     total = len(train_paths) + len(test_paths) + len(validation_paths)
@@ -543,7 +543,7 @@ class PatchAE(nn.Module):
 def reconstruct(encoder: Encoder, decoder: Decoder, images: torch.Tensor,
                 device: torch.device) -> torch.Tensor:
     """uint8 (N, 3, S, S) -> the decoder's I_hat of each image as uint8 (N, 3, S, S): what the
-    features describe, brought back from ImageNet normalisation."""
+    features describe, brought back from the backbone's input normalisation."""
     encoder.eval()
     recon = decoder.eval()(encoder(encoder.normalize(images.to(device).float() / 255))).float()
     recon = recon * encoder.std + encoder.mean                          # undo the normalisation
@@ -1088,7 +1088,7 @@ def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC, one: b
     categories = find_categories(root, layout) if cfg.category == "all" else [cfg.category]
     if not categories:
         raise UsageError(f"--category all: no category under {root}; expected "
-                         f"{layout.tree} (--dataset {layout.name})")
+                         f"{layout.tree} ({layout.name} layout)")
     seeds = cfg.seed[:1] if one else cfg.seed
     if one and len(categories) * len(seeds) > 1:
         raise UsageError("--save and --predict take one category and one seed")
