@@ -591,9 +591,14 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
                     f"{len(normal)} normal test images, {missed}; "
                     f"F1 {fmt(r['f1_at_threshold'])}.")
     recon = reconstruction_title(sel) if reconstruction else None
+    psnr = r.get("reconstruction_psnr")
+    fidelity = ("" if psnr is None else
+                f"On the normal test images it comes within {psnr:.1f} dB PSNR of the input; "
+                f"the decoder learns more slowly than the features, so after few epochs (under "
+                f"about 20 dB) it shows little more than each patch's colour. ")
     about = {"reconstruction": "The reconstruction is the decoder's output for that image: where "
                                "it also rebuilds the defect, the features describe it, which is "
-                               "the paper's idea. ",
+                               "the paper's idea. " + fidelity,
              "untrained decoder": "The untrained decoder's output is flat: epoch 0 was kept, so "
                                   "the decoder has had no training step. ",
              None: ""}[recon]
