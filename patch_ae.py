@@ -307,8 +307,9 @@ MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/data
 
 def find_categories(root: Path, layout: Layout = MVTEC) -> list[str]:
     if not root.is_dir():
-        raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree} "
-                         f"({layout.name} layout). Get it from {layout.url} and pass "
+        which = "" if layout is MVTEC else f" (--dataset {layout.name})"
+        raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree}"
+                         f"{which}. Get it from {layout.url} and pass "
                          f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
     return layout.categories(root)
 
