@@ -657,6 +657,32 @@ def test_chunked_knn_equals_brute_force(block_mb, k):
     assert (idx.numpy() == ref_idx).mean() > 0.999  # exact ties aside, the same neighbours
 
 
+def test_knn_picks_the_exactly_nearest_row_among_near_ties():
+    """Two bank rows 0.0100 and 0.0105 from a query of norm 65 (D = 512): cdist's matrix-product
+    path cannot tell them apart (it chose the farther one in about half of such draws); the
+    scorer must return the nearer row and its exact distance."""
+    torch.manual_seed(0)
+    for _ in range(20):
+        q = torch.randn(1, 512)
+        q = q / q.norm() * 65
+        u, v = (w / w.norm() for w in torch.randn(2, 512))
+        bank = torch.cat([torch.randn(2000, 512) * 3, q + 0.0105 * u, q + 0.0100 * v])
+        order = torch.randperm(len(bank))
+        d, idx = pa.knn_scores(q, bank[order])
+        assert order[idx[0, 0]] == len(bank) - 1
+        assert d[0, 0].item() == pytest.approx(0.0100, rel=1e-3)
+
+
+def test_knn_takes_k_up_to_the_bank_size_and_refuses_empty_inputs():
+    d, idx = pa.knn_scores(torch.randn(5, 4), torch.randn(2, 4), k=9)
+    assert d.shape == idx.shape == (5, 2) and set(idx[0].tolist()) == {0, 1}
+    assert (d[:, 0] <= d[:, 1]).all()                        # nearest first
+    for queries, bank in ((torch.randn(0, 4), torch.randn(3, 4)),
+                          (torch.randn(2, 4), torch.randn(0, 4))):
+        with pytest.raises(ValueError, match="at least one"):
+            pa.knn_scores(queries, bank)
+
+
 def test_reweighted_image_score_is_a_fraction_of_the_max():
     torch.manual_seed(0)
     bank, queries = torch.randn(500, 8), torch.randn(3 * 16, 8) * 2
