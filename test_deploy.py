@@ -463,6 +463,24 @@ def read_predictions(out: Path) -> dict:
     return {row[0]: row[1:] for row in lines[1:]}
 
 
+def test_predict_notes_a_tiny_image_and_colour_images_for_a_grey_model_once_each(tiny_model,
+                                                                                 tmp_path, capsys):
+    model, _ = tiny_model
+    blob = torch.load(model, weights_only=True)
+    blob["grey"] = True                                  # as a model trained on grey images
+    grey_model = tmp_path / "grey.pt"
+    torch.save(blob, grey_model)
+    folder = image_folder(tmp_path / "in", 4)            # 40 x 48 colour images
+    Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(folder / "tiny.png")  # grey, tiny
+    deploy.main(["--load", str(grey_model), "--predict", str(folder), "--out",
+                 str(tmp_path / "out")])
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    tiny = [n for n in notes if "tiny.png is 8x8 px, under half of --image-size 32" in n]
+    colour = [n for n in notes if "trained on grey images" in n and "is colour" in n]
+    assert len(tiny) == len(colour) == 1                 # four colour images, said once
+    assert len(read_predictions(tmp_path / "out")) == 5  # notes, not errors: all are scored
+
+
 def test_predict_gives_an_unreadable_file_its_row_and_scores_the_others(tiny_model, tmp_path,
                                                                         capsys):
     model, threshold = tiny_model

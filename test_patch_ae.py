@@ -955,6 +955,14 @@ def test_the_reconstruction_panel_is_the_decoders_output_for_that_image(syntheti
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_blur_on_cuda_is_full_float32_as_on_the_cpu():
+    """cuDNN would run the blur's convolutions as TF32 by default, about 1e-3 off the CPU's."""
+    maps = torch.rand(4, 224, 224) * 10
+    torch.testing.assert_close(pa.gaussian_blur(maps.cuda()).cpu(), pa.gaussian_blur(maps),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_end_to_end_on_cuda(synthetic_root, tmp_path):
     result = run_main(TINY + ["--device", "cuda"], tmp_path, synthetic_root)
     assert result["device"] == "cuda" and result["image_auroc"] is not None
