@@ -35,6 +35,19 @@ class Backbone:
     std: tuple
 
 
+class Normalized(nn.Module):
+    """A module fed through a Backbone's cut (the Patch AE encoder, bench.py's PatchCore): the
+    backbone's input normalisation as buffers, saved with the weights; normalize() applies it."""
+
+    def use_normalization(self, backbone: Backbone) -> None:
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised as the backbone's weights expect, channels-last."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
 def resnet_backbone(model: nn.Module) -> Backbone:
     return Backbone(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1),
                     model.layer2, model.layer3, IMAGENET_MEAN, IMAGENET_STD)

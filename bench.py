@@ -35,15 +35,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, load_backbone,
-                       torchvision_classifier)
+from backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, Normalized,
+                       load_backbone, torchvision_classifier)
 from cli import HelpFormatter, Parser, UsageError, add_config_flags
-from layouts import LAYOUTS
-from patch_ae import (KNN_BLOCK_MB, Category, Config, Encoder, anomaly_maps, atomic_save,
+from deploy import DeployConfig
+from layouts import layout_for
+from patch_ae import (KNN_BLOCK_MB, Category, Encoder, anomaly_maps, atomic_save,
                       build_memory_bank, clock, compute_metrics, extract_features, fit,
                       flatten_patches, greedy_coreset, image_scores, knn_scores, load_category,
                       make_config, make_synthetic_category, patch_scores, pick_device,
@@ -77,7 +77,7 @@ def baseline_backbone(name: str, weights: str) -> Backbone:
     return Backbone(f[:6], f[6:7], f[7:9], IMAGENET_MEAN, IMAGENET_STD)
 
 
-class PatchCoreFeatures(nn.Module):
+class PatchCoreFeatures(Normalized):
     """(B, 3, H, W) -> (B, target_dim, H/8, W/8): PatchCore's locally aware patch features. Each
     tapped map is aggregated over a 3x3 neighbourhood, brought to the first tap's grid, each
     position's vector reduced to `dim` by adaptive average pooling (the official MeanMapper), then
@@ -88,14 +88,9 @@ class PatchCoreFeatures(nn.Module):
         super().__init__()
         b = baseline_backbone(backbone, weights)  # what follows conv4 is left out, as in Patch AE
         self.stem, self.conv3, self.conv4 = b.stem, b.conv3, b.conv4
-        self.register_buffer("mean", torch.tensor(b.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(b.std).view(1, 3, 1, 1))
+        self.use_normalization(b)
         self.dim, self.target_dim, self.patch = dim, target_dim, patch
         self.to(memory_format=torch.channels_last)  # as the Patch AE encoder: alike for timing
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """As patch_ae.Encoder.normalize: the backbone's own input normalisation."""
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x3 = self.conv3(self.stem(x))
@@ -350,7 +345,7 @@ def load_data(args) -> Category:
     if args.synthetic:
         make_synthetic_category(root)
     data = load_category(root, args.category, args.image_size, args.crop_size,
-                         LAYOUTS[args.dataset])
+                         layout_for(args.dataset))
     keep = evenly(args.max_test, len(data.test))
     return dataclasses.replace(
         data, train=data.train[:args.max_train or None], test=data.test[keep],
@@ -488,6 +483,8 @@ def header_line(h: dict) -> str:
 # trains on every train/good image and keeps the last epoch, the paper's protocol, as PatchCore
 # uses every image (deploy.py's held-out images are not bench's).
 NOT_IN_BENCH = ("seed", "out", "overwrite", "save_maps", "report_images")
+# deploy.DeployConfig's own fields but --dataset, which bench.py takes from it
+DEPLOY_ONLY = ("holdout", "select", "save", "load", "predict")
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -499,10 +496,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                argument_default=argparse.SUPPRESS if suppress_defaults else None)
     flags = p.add_argument_group("Patch AE and data: patch_ae.py's flags (the data flags, "
                                  "--weights, --batch-size and --device serve the baseline too)")
-    add_config_flags(p, Config, suppress_defaults, exclude=NOT_IN_BENCH, group=flags)
-    flags.add_argument("--dataset", type=str, choices=tuple(LAYOUTS),
-                       **({} if suppress_defaults else {"default": "mvtec"}),
-                       help="layout of --data-root: MVTec AD, VisA, MVTec AD 2 (layouts.py)")
+    add_config_flags(p, DeployConfig, suppress_defaults, exclude=NOT_IN_BENCH + DEPLOY_ONLY,
+                     group=flags)
     b = p.add_argument_group("PatchCore baseline and benchmark")
     b.add_argument("--baseline", type=str, default="single", choices=("single", "ensemble"),
                    help=f"PatchCore on --baseline-backbone, or the multi-model one: "
@@ -548,10 +543,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     # Patch AE's settings, checked and resolved (--synthetic) by patch_ae itself
     args.patch_ae = make_config({**vars(args), "seed": [args.seed]}, given)
     args.category, args.data_root = args.patch_ae.category, args.patch_ae.data_root
+    layout_for(args.dataset, args.synthetic)  # --synthetic writes MVTec AD's layout alone
     checks = [(args.weights in ("imagenet", "none"), f"--weights {args.weights}: bench.py loads "
                f"two different backbones; use 'imagenet' or 'none'"),
-              (not (args.synthetic and args.dataset != "mvtec"),
-               f"--synthetic writes MVTec AD's layout; drop --dataset {args.dataset}"),
               (args.category != "all",
                "--category all: bench.py compares the methods on one category; name it"),
               (args.repeats >= 1, "--repeats must be >= 1"),

@@ -28,7 +28,7 @@ import patch_ae as pa
 import report
 from backbones import load_backbone
 from cli import UsageError, check, flag, parse_flags
-from layouts import LAYOUTS
+from layouts import LAYOUTS, layout_for
 from patch_ae import (DEFECT_KINDS, IMAGE_EXTS, Category, Config, Encoder, Progress, clock,
                       compute_metrics, draw_defect, extract_features, flatten_patches,
                       score_images)
@@ -62,9 +62,8 @@ EXAMPLES = """examples:
 def check_deploy(cfg: DeployConfig) -> None:
     check([(0 <= cfg.holdout < 1, "--holdout must be in [0, 1)"),
            (not (cfg.save and cfg.load), "--save and --load together: a loaded model has nothing "
-            "new to save"),
-           (not (cfg.synthetic and cfg.dataset != "mvtec"),
-            f"--synthetic writes MVTec AD's layout; drop --dataset {cfg.dataset}")])
+            "new to save")])
+    layout_for(cfg.dataset, cfg.synthetic)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,7 +438,7 @@ def run(cfg: DeployConfig, given: set) -> list[dict]:
     pa.print_header(cfg, device, weights)
     runs, sections, unreadable = [], [], None
     if not (cfg.load and cfg.predict):  # a loaded model with --predict only scores the folder
-        layout = LAYOUTS[cfg.dataset]
+        layout = layout_for(cfg.dataset)
         one = bool(cfg.save or cfg.predict or cfg.load)
         for category, seed, data in pa.categories_and_seeds(cfg, root, layout, one):
             model = model if cfg.load else fit_guarded(cfg, data, seed, device)

@@ -83,3 +83,10 @@ VISA = Layout("visa", VISA_TREE, "https://github.com/amazon-science/spot-diff", 
 MVTEC2 = Layout("mvtec2", MVTEC2_TREE, "https://www.mvtec.com/company/research/datasets/mvtec-ad-2",
                 mvtec_categories, read_mvtec2)
 LAYOUTS = {layout.name: layout for layout in (MVTEC, VISA, MVTEC2)}  # --dataset
+
+
+def layout_for(dataset: str, synthetic: bool = False) -> Layout:
+    """--dataset's layout; --synthetic writes MVTec AD's alone."""
+    if synthetic and dataset != MVTEC.name:
+        raise UsageError(f"--synthetic writes MVTec AD's layout; drop --dataset {dataset}")
+    return LAYOUTS[dataset]

@@ -75,7 +75,7 @@ from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
 import report
-from backbones import BACKBONES, Backbone, load_backbone
+from backbones import BACKBONES, Backbone, Normalized, load_backbone
 from cli import Progress, UsageError, check, flag, parse_flags
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -473,7 +473,7 @@ def out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
-class Encoder(nn.Module):
+class Encoder(Normalized):
     """(B, 3, H, W) -> R (B, c3, H/8, W/8): one feature vector per 8x8 image patch."""
     stride = 8
 
@@ -481,8 +481,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.stem, self.conv3, self.conv4 = backbone.stem, backbone.conv3, backbone.conv4
         # the backbone's input normalisation: normalize() applies it, reconstruct() undoes it
-        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+        self.use_normalization(backbone)
         c12 = out_channels(self.conv3) + out_channels(self.conv4)  # c1 + c2
         self.feat_dim = feat_dim or c12 // 3
         if not 0 < self.feat_dim < c12:
@@ -491,10 +490,6 @@ class Encoder(nn.Module):
         self.fuse = nn.Sequential(nn.Conv2d(c12, self.feat_dim, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(self.feat_dim, self.feat_dim, 1), nn.ReLU(inplace=True))
         self.to(memory_format=torch.channels_last)  # the layout normalize() gives its input
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> normalised as the backbone's weights expect, channels-last."""
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x3 = self.conv3(self.stem(x))                    # (B, c1, H/8, W/8)
