@@ -41,13 +41,13 @@ import torchvision
 from backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, Normalized,
                        load_backbone, torchvision_classifier)
 from cli import HelpFormatter, Parser, UsageError, add_config_flags
-from deploy import DeployConfig
-from layouts import layout_for
-from patch_ae import (KNN_BLOCK_MB, Category, Encoder, anomaly_maps, atomic_save,
-                      build_memory_bank, clock, compute_metrics, extract_features, fit,
-                      flatten_patches, greedy_coreset, image_scores, knn_scores, load_category,
-                      make_config, make_synthetic_category, patch_scores, pick_device,
-                      seed_everything)
+from deploy import DeployConfig, layout_for
+from patch_ae import (KNN_BLOCK_MB, Category, Encoder, anomaly_maps, build_memory_bank, clock,
+                      compute_metrics, extract_features, fit, flatten_patches, greedy_coreset,
+                      image_scores, knn_scores, load_category, make_config, patch_scores,
+                      pick_device, seed_everything)
+from results import atomic_save
+from synthetic import make_synthetic_category
 from report import fmt
 
 MB = 2**20

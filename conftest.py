@@ -28,6 +28,7 @@ from PIL import Image  # noqa: E402
 import cli  # noqa: E402
 import deploy  # noqa: E402
 import patch_ae as pa  # noqa: E402
+import synthetic  # noqa: E402
 
 ROOT = Path(__file__).parent
 # resnet18 with random weights (no download), 64 px, one epoch: the paper's flags only
@@ -38,7 +39,7 @@ TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    pa.make_synthetic_category(root)
+    synthetic.make_synthetic_category(root)
     return root
 
 
@@ -100,8 +101,8 @@ def spy_on_evaluate(monkeypatch) -> dict:
     of the test images, the model, the data."""
     seen, evaluate = {}, pa.evaluate
 
-    def spy(cfg, model, data, device, out):
-        result, scored = evaluate(cfg, model, data, device, out)
+    def spy(cfg, model, data, device):
+        result, scored = evaluate(cfg, model, data, device)
         names = [f"{p.parent.name}/{p.name}" for p in data.test_paths]
         seen.update(scores=scored["scores"], labels=data.labels, names=names, model=model,
                     data=data)

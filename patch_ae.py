@@ -24,8 +24,9 @@ MVTec-style category; README.md gives its expected output):
 Full run, the paper's protocol (MVTec AD and torchvision's ImageNet weights; a GPU is advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
 The paper reports 97.7 image AUROC on screw and 99.48 on average over MVTec AD: the paper's
-numbers. Each run writes results.json, results.csv and report.html to --out (report.py). Using
-a model on your own images (a threshold, model files, folder prediction) is deploy.py.
+numbers. Each run writes results.json, results.csv and report.html to --out (results.py,
+report.py). Using a model on your own images (a threshold, model files, folder prediction) is
+deploy.py.
 
 Names: the paper's conv3 and conv4 are the backbone's stages at stride 8 and 16 (a ResNet's
 layer2 and layer3), with c1 and c2 channels; the fusion maps c1 + c2 to c3 (Backbone says which
@@ -51,10 +52,7 @@ measurements):
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 import random
@@ -69,16 +67,16 @@ import scipy.ndimage
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
 import report
+import results
 from backbones import BACKBONES, Backbone, Normalized, load_backbone
 from cli import Progress, UsageError, check, flag, parse_flags
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from layouts import (Layout, find_categories, labelled_test_images, list_images, mvtec_categories,
+                     open_image)
+from synthetic import make_synthetic_category
 
 
 def default_data_root() -> str:
@@ -149,46 +147,10 @@ def check_config(cfg: Config) -> None:
            (cfg.report_images >= 0, "--report-images must be >= 0")])
 
 
-def make_config(values: dict, given: set, config: type = Config):
-    """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked
-    `config`, --synthetic resolved. `given`: the flags on the command line."""
-    fields = dataclasses.fields(config)
-    cfg = config(**{f.name: values[f.name] for f in fields if f.name in values})
-    check_config(cfg)
-    if cfg.synthetic:
-        if "category" in given:
-            raise UsageError("--synthetic makes its own category; drop --category")
-        cfg.category = "synthetic"
-        if "data_root" not in given:
-            cfg.data_root = "./synthetic_mvtec"
-    return cfg
-
-
-def pick_device(name: str) -> torch.device:
-    """The one place where the device is decided: auto = CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
-    return torch.device(name)
-
-
-def clock(device: torch.device) -> float:
-    """Wall time once the device has finished its queued work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------
-# Data (Sec. 3: MVTec AD as it unpacks); a synthetic MVTec-style category. Other layouts (VisA,
-# MVTec AD 2) are in layouts.py
+# Data (Sec. 3): MVTec AD as it unpacks, each image resized and centre-cropped as PatchCore.
+# layouts.py opens the files (deep greyscale, clear errors) and holds VisA and MVTec AD 2;
+# synthetic.py makes the offline category (--synthetic) in this layout
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png,"
               " ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
@@ -196,45 +158,12 @@ MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defe
 
 def read_image(path: Path, image_size: int, crop_size: int, mask: bool = False) -> torch.Tensor:
     """File -> uint8 (3, crop, crop) RGB, or bool (crop, crop) for a mask. Resize the shorter side,
-    centre crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides. Deep
-    greyscale (16-bit, 32-bit 'I' as older Pillow opens 16-bit PNGs, float 'F') becomes 8 bit."""
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the "
-                         f"file") from None
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        if not np.isfinite(a).all():  # min-max scaling would make the whole image NaN, then black
-            raise UsageError(f"{path}: holds NaN or infinite pixel values; replace or remove the "
-                             f"file")
-        lo, hi = a.min(), a.max()
-        if mask:                   # a mask pixel is a defect when it is non-zero, at any depth
-            a = (a > 0) * 255.0
-        elif img.mode != "F":      # integers: the full 16-bit range for every image, 65535 -> 255
-            a = a / 257.0
-        elif lo >= 0 and hi <= 1:  # floats in [0, 1]
-            a = a * 255.0
-        else:                      # any other floats: min-max per image, there is no common range
-            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
-        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
-    img = img.convert("L" if mask else "RGB")
+    centre crop: on a wide image (VisA's are about 1500 x 1000) the crop drops the sides."""
+    img = open_image(path, mask)                                        # 8 bit, RGB or L
     interp = TF.InterpolationMode.NEAREST if mask else TF.InterpolationMode.BILINEAR
     img = TF.center_crop(TF.resize(img, image_size, interpolation=interp), crop_size)
     t = TF.pil_to_tensor(img)
     return t[0] > 0 if mask else t
-
-
-def list_images(folder: Path, layout: str = "") -> list[Path]:
-    """The images in `folder`, sorted; with `layout`, none is an error naming the layout."""
-    if not folder.is_dir():
-        paths = []
-    else:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-    if layout and not paths:
-        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}); expected {layout}")
-    return paths
 
 
 @dataclass
@@ -247,71 +176,17 @@ class Category:
     validation: torch.Tensor | None = None  # (V, 3, S, S) uint8: the dataset's held-out normals
 
 
-def labelled_test_images(test_dir: Path, gt_dir: Path,
-                         layout: str) -> list[tuple[Path, int, Path | None]]:
-    """test_dir/<good|defect_type>/<name>.* -> (image, label 1 = defect, mask or None); the mask
-    of a defect image is gt_dir/<defect_type>/<name>_mask.*, matched by name, never by position."""
-    dirs = sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
-    paths = [p for d in dirs for p in list_images(d)]
-    if not paths:
-        raise UsageError(f"{test_dir}: no images; expected {layout}")
-    mask_of = {}
-    for p in sorted(gt_dir.glob("*/*_mask.*")):  # none without a ground-truth folder
-        key = (p.parent.name, p.stem[:-5])
-        if key in mask_of:  # 003_mask.png and 003_mask.bmp: which one is meant cannot be guessed
-            raise UsageError(f"{mask_of[key]} and {p}: two masks for "
-                             f"{test_dir / key[0] / key[1]}.*; keep one")
-        mask_of[key] = p
-    if gt_dir.is_dir():  # with ground truth: each defect image needs its mask, each mask its image
-        defects = {(p.parent.name, p.stem) for p in paths if p.parent.name != "good"}
-        orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))
-        if orphans:
-            key = orphans[0]
-            raise UsageError(f"{mask_of[key]}: mask with no test image "
-                             f"{test_dir / key[0] / key[1]}.*; remove it")
-        if unmasked:
-            key = unmasked[0]
-            raise UsageError(f"{test_dir / key[0] / key[1]}: defect image with no mask "
-                             f"{gt_dir / key[0] / (key[1] + '_mask.png')}; add the mask or remove "
-                             f"{gt_dir.name}/")
-    return [(p, int(p.parent.name != "good"), mask_of.get((p.parent.name, p.stem)))
-            for p in paths]
-
-
 def read_mvtec(root: Path, category: str) -> tuple[list, list, list]:
+    """train/good trains; test/<good|defect_type> is labelled by its folder's name, each defect
+    image matched to its mask ground_truth/<defect_type>/<name>_mask.png by name; no validation
+    set of its own."""
     base = root / category
     return (list_images(base / "train" / "good", MVTEC_TREE),
             labelled_test_images(base / "test", base / "ground_truth", MVTEC_TREE), [])
 
 
-def mvtec_categories(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
-
-
-@dataclass
-class Layout:
-    """A dataset as it unpacks: its --dataset name, its tree in words (for error messages), where
-    to get it, its categories under a root, and its reader: (root, category) -> (train image
-    paths, test (image, label 1 = defect, mask path or None), validation image paths: the
-    dataset's own held-out normal images, or [])."""
-    name: str
-    tree: str
-    url: str
-    categories: Callable[[Path], list]
-    read: Callable[[Path, str], tuple]
-
-
 MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/datasets/mvtec-ad",
                mvtec_categories, read_mvtec)
-
-
-def find_categories(root: Path, layout: Layout = MVTEC) -> list[str]:
-    if not root.is_dir():
-        which = "" if layout is MVTEC else f" (--dataset {layout.name})"
-        raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree}"
-                         f"{which}. Get it from {layout.url} and pass "
-                         f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
-    return layout.categories(root)
 
 
 def load_category(root: Path, category: str, image_size: int, crop_size: int,
@@ -340,79 +215,6 @@ def load_category(root: Path, category: str, image_size: int, crop_size: int,
                              for path in mask_paths])
     return Category(read(train_paths), read(test_paths), np.array(labels), masks, test_paths,
                     read(validation_paths))
-
-
-DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
-
-
-def draw_defect(img: np.ndarray, kind: str,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 3) float in [0, 1] -> (a copy with one defect, bool (H, W) mask). The synthetic
-    category's test defects and the validation defects on held-out normal images (training):
-    a thin straight scratch, an irregular blob of a foreign colour, or a soft stain."""
-    size = max(img.shape[:2])
-    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32) / size
-    cy, cx = rng.uniform(0.2, 0.8, 2)
-    if kind == "scratch":  # bright or dark line, 2-4 px wide, a quarter to half the image long
-        ang, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5)
-        width = rng.uniform(1.2, 2.2) / size
-        t = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
-        n = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
-        mask = (np.abs(t) < length / 2) & (np.abs(n) < width)
-        colour = rng.choice([0.05, 0.95])
-    elif kind == "blob":  # filled ellipse with a wobbly edge, radius 4-9% of the image
-        ry, rx = rng.uniform(0.04, 0.09, 2)
-        wobble = 1 + 0.25 * np.sin(5 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
-        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble
-        colour = rng.uniform(0, 1, 3) * [0.4, 0.8, 1.0]
-    elif kind == "stain":  # soft darkening (Gaussian, radius 6-12%), masked where it is noticeable
-        r = rng.uniform(0.06, 0.12)
-        soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        return img * (1 - 0.55 * soft[..., None]), soft > 0.3
-    else:
-        raise ValueError(f"unknown defect kind {kind!r}; one of {DEFECT_KINDS}")
-    img = img.copy()
-    img[mask] = colour
-    return img, mask
-
-
-def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train: int = 60,
-                            n_test_good: int = 16, n_test_defect: int = 8) -> Path:
-    """Writes root/synthetic in MVTec layout: a woven texture with random phase and tint; test
-    defects are scratches, blobs and stains (shapes CutPaste never pastes), with masks.
-    Deterministic for `seed`; an existing folder made by this function is reused."""
-    base, marker = root / "synthetic", root / "synthetic" / ".made_by_patch_ae"
-    counts = [n_train, n_test_good, n_test_defect]
-    stamp = json.dumps({"seed": seed, "size": size, "counts": counts, "version": 1})
-    if base.exists():
-        if marker.is_file() and marker.read_text() == stamp:
-            return base
-        raise UsageError(f"{base}: exists but was not made by this version of --synthetic; move "
-                         f"it away or pass another --data-root")
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-
-    def texture():  # an aligned weave (as MVTec objects are aligned): a small shift, tint, noise
-        px, py = rng.normal(0, 0.3, 2)
-        v = 0.5 + 0.18 * np.sin(2 * np.pi * 14 * xx + px) * np.sin(2 * np.pi * 9 * yy + py)
-        v = v + 0.03 * rng.standard_normal((size, size))
-        tint = np.array([0.85, 0.7, 0.5]) + rng.normal(0, 0.015, 3)
-        return np.clip(v[..., None] * tint * 1.3, 0, 1)
-
-    def save(arr, path, mode="RGB"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode).save(path)
-    for i in range(n_train):
-        save(texture(), base / "train" / "good" / f"{i:03d}.png")
-    for i in range(n_test_good):
-        save(texture(), base / "test" / "good" / f"{i:03d}.png")
-    for kind in DEFECT_KINDS:
-        for i in range(n_test_defect):
-            img, mask = draw_defect(texture(), kind, rng)
-            save(img, base / "test" / kind / f"{i:03d}.png")
-            save(mask.astype(np.float32), base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
-    marker.write_text(stamp)
-    return base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +282,8 @@ class Encoder(Normalized):
     def __init__(self, backbone: Backbone, feat_dim: int = 0):
         super().__init__()
         self.stem, self.conv3, self.conv4 = backbone.stem, backbone.conv3, backbone.conv4
-        # the backbone's input normalisation: normalize() applies it, reconstruct() undoes it
+        # the backbone's input normalisation: normalize() applies it, results.reconstruct
+        # undoes it for the report's picture
         self.use_normalization(backbone)
         c12 = out_channels(self.conv3) + out_channels(self.conv4)  # c1 + c2
         self.feat_dim = feat_dim or c12 // 3
@@ -508,7 +311,8 @@ class Encoder(Normalized):
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoder (Sec. 2.4): 1x1 conv, ReLU, 1x1 conv, so each feature vector rebuilds its own patch
+# Decoder (Sec. 2.4): 1x1 conv, ReLU, 1x1 conv, so each feature vector rebuilds its own patch.
+# It only teaches the encoder: scoring never uses it (results.reconstruct draws what it rebuilds)
 # ----------------------------------------------------------------------------------------------
 class Decoder(nn.Module):
     """R (B, c3, h, w) -> I_hat (B, 3, h*s, w*s); output patch (i, j) depends on R[:, :, i, j]."""
@@ -534,29 +338,6 @@ class PatchAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
-
-
-@torch.no_grad()
-def reconstruct(encoder: Encoder, decoder: Decoder, images: torch.Tensor,
-                device: torch.device) -> torch.Tensor:
-    """uint8 (N, 3, S, S) -> the decoder's I_hat of each image as uint8 (N, 3, S, S): what the
-    features describe, brought back from the backbone's input normalisation."""
-    encoder.eval()
-    recon = decoder.eval()(encoder(encoder.normalize(images.to(device).float() / 255))).float()
-    recon = recon * encoder.std + encoder.mean                          # undo the normalisation
-    return (recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-
-def reconstruction_psnr(encoder: Encoder, decoder: Decoder, images: torch.Tensor,
-                        batch_size: int, device: torch.device) -> float | None:
-    """How well the decoder rebuilds uint8 (N, 3, S, S) images: PSNR in dB over all their pixels
-    (peak 255). The paper's idea is that every patch, normal or not, is rebuilt well."""
-    if not len(images):
-        return None
-    squared = sum(float((reconstruct(encoder, decoder, b, device).float() - b.float()).square()
-                        .sum()) for b in images.split(batch_size))
-    mse = squared / images.numel()
-    return 10 * math.log10(255**2 / max(mse, 1e-12))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -870,6 +651,28 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: torch.Tensor 
 # ----------------------------------------------------------------------------------------------
 # One run (Sec. 2.5-3): train, the memory bank, the untrained encoder beside it, the test set
 # ----------------------------------------------------------------------------------------------
+def pick_device(name: str) -> torch.device:
+    """The one place where the device is decided: auto = CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch; use --device cpu or auto")
+    return torch.device(name)
+
+
+def clock(device: torch.device) -> float:
+    """Wall time once the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard=None,
         untrained: bool = True) -> dict:
     """Train Patch AE on the normal images `train` (uint8 (N, 3, S, S)), then fill its memory bank
@@ -901,43 +704,12 @@ def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard
             "train_seconds": t2 - t0, "bank_seconds": t2 - t1}
 
 
-def paper_protocol(cfg: Config, n_train: int) -> str:
-    """The protocol line: the paper's, and where the recipe is ours."""
-    return (f"the paper's: all {n_train} train/good images train and fill the memory bank, the "
-            f"last epoch kept; {recipe_words(cfg)}")
-
-
-def recipe_words(cfg: Config) -> str:
-    layers = "frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate"
-    return (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
-            f"conv3 and conv4 {layers}, BatchNorm statistics frozen")
-
-
-HEAT_QUANTILE = 0.99  # the heatmap colours' middle: this quantile of normal images' map peaks
-
-
-def heat_scale(normal_maps: torch.Tensor, source: str) -> dict:
-    """The heatmap colours from normal images' maps (N, S, S): 'low', their lowest pixel, and
-    'mid', the HEAT_QUANTILE quantile of each map's highest pixel. report.colorize puts
-    'mid' at the middle of its colour map, so yellow to red is above what normal images reach."""
-    peaks = normal_maps.flatten(1).amax(1).numpy()
-    return {"low": float(normal_maps.min()), "mid": float(np.quantile(peaks, HEAT_QUANTILE)),
-            "source": source, "quantile": HEAT_QUANTILE}
-
-
-def own_scale(maps: torch.Tensor, source: str = "the test set's own range") -> dict:
-    """The colours when no normal image anchors them: these maps' own range, red at the top."""
-    low, high = float(maps.min()), float(maps.max())
-    return {"low": low, "mid": (low + high) / 2, "source": source}
-
-
-def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
-             out: Path) -> tuple[dict, dict]:
+def evaluate(cfg: Config, model: dict, data: Category,
+             device: torch.device) -> tuple[dict, dict]:
     """The test set, scored by the trained encoder and its memory bank: the metrics, ms per image,
     F1 at the model's threshold (deploy.py's; None here), the decoder's PSNR on the normal test
     images. Then the untrained encoder with its own bank on the same images, for comparison
-    only, and the --save-maps pictures. Returns (result, scored: the image scores, maps, the
-    untrained encoder's scores, the heatmap colours)."""
+    only. Returns (result, scored: the image scores, maps and the untrained encoder's scores)."""
     t0 = clock(device)
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size,
                                 device, cfg.image_score, desc="test")
@@ -949,8 +721,8 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
               "reconstruction_psnr": None}
     if model["decoder"] is not None:  # on the normal test images
         normal = data.test[torch.from_numpy(data.labels == 0)]
-        result["reconstruction_psnr"] = reconstruction_psnr(model["encoder"], model["decoder"],
-                                                            normal, cfg.batch_size, device)
+        result["reconstruction_psnr"] = results.reconstruction_psnr(
+            model["encoder"], model["decoder"], normal, cfg.batch_size, device)
     epoch0, untrained_scores = model["untrained"], None
     if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
         untrained_scores, untrained_maps = scores, maps
@@ -964,187 +736,78 @@ def evaluate(cfg: Config, model: dict, data: Category, device: torch.device,
         result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
                                               untrained_maps)
         result["untrained_seconds"] = epoch0["seconds"]
-    scale = model.get("heat_scale")
-    if scale is None:  # no held-out images: the normal test images anchor the colours
-        normal = maps[torch.from_numpy(data.labels == 0)]
-        source = "the normal test images (the model has no held-out images)"
-        scale = heat_scale(normal, source) if len(normal) else own_scale(maps)
-    for i in np.linspace(0, len(scores) - 1, min(cfg.save_maps, len(scores))).round().astype(int):
-        p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
-        caption = report.picture_caption(float(scores[i]), thr, f"{p.parent.name}/{p.name}")
-        save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
-                     picture(model, data.test[i], maps[i], scale, device, mask, caption=caption))
-    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
-                    "scale": scale}
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: results.json and .csv, report.html and its pictures (report.py draws them)
-# ----------------------------------------------------------------------------------------------
-def picture(model: dict, image: torch.Tensor, amap: torch.Tensor, scale: dict,
-            device: torch.device, mask: torch.Tensor | None = None,
-            reconstruction: bool = True, caption: str | None = None) -> np.ndarray:
-    """One picture as report.html and --save-maps show it: input | the decoder's reconstruction
-    (when the model has its decoder; --predict's PNGs leave it out, to spare a second forward
-    pass per image) | heatmap over the input | ground-truth mask (if any). With a caption (the
-    PNG files), the panels' names, the caption and the colour scale are drawn in."""
-    recon = None
-    if reconstruction and model.get("decoder") is not None:
-        recon = reconstruct(model["encoder"], model["decoder"], image[None], device)[0]
-        recon = recon.permute(1, 2, 0).numpy()
-    return report.panels(image.permute(1, 2, 0).numpy(), recon, amap.numpy(), scale,
-                         None if mask is None else mask.numpy(), caption=caption,
-                         recon_title=report.reconstruction_title(model.get("selected_epoch")))
-
-
-def save_heatmap(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def csv_text(rows: list[list]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-# What results.json keeps of a model beside the metrics; deploy.py fills the guard's part
-# (threshold, heat_scale, n_holdout, validation_curve, val_every, validation_seconds), None here.
-RUN_FIELDS = ("threshold", "heat_scale", "n_train", "n_holdout", "protocol", "selected_epoch",
-              "val_every", "validation_curve", "loss_by_epoch", "train_seconds", "bank_seconds",
-              "validation_seconds")
-
-
-def record(cfg: Config, layout: str, category: str, seed: int, data: Category, model: dict,
-           result: dict, device: torch.device) -> dict:
-    """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
-    theirs = {**report.published(layout, category), "source": report.PEER_AUROC[layout][0]}
-    return {"dataset": layout, "category": category, "seed": seed, "backbone": cfg.backbone,
-            "weights": model.get("weights", cfg.weights), **result,
-            **{key: model.get(key) for key in RUN_FIELDS}, "n_test": len(data.test),
-            "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),
-            "device": str(device), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "published_image_auroc": theirs}
-
-
-def write_results(runs: list[dict], dataset: str, out: Path) -> tuple[list, list, list]:
-    """Prints the table and writes results.json (every run's record) and results.csv (the table's
-    rows). Returns the table's cells for the report."""
-    rows = report.summarize(runs, dataset)
-    source, peers = report.PEER_AUROC[dataset]
-    table = report.table_cells(rows, list(peers), source)
-    print(report.table_text(*table))
-    results = runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}
-    atomic_save(json.dumps(results, indent=1), out / "results.json")
-    keys = list(rows[0])
-    lines = [keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]
-    atomic_save(csv_text(lines), out / "results.csv")
-    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
-    return table
-
-
-def report_run(r: dict, model: dict, data: Category, scored: dict, n: int,
-               device: torch.device) -> str:
-    """report.html's section of one run: report.py gets plain values and, to draw a test image's
-    picture, a function of its index."""
-    def test_picture(i: int) -> np.ndarray:
-        mask = None if data.masks is None else data.masks[i]
-        return picture(model, data.test[i], scored["maps"][i], scored["scale"], device, mask)
-    names = [f"{p.parent.name}/{p.name}" for p in data.test_paths]
-    return report.run_section(r, data.labels, scored["scores"], scored["untrained_scores"], names,
-                              scored["scale"], test_picture, n, masks=data.masks is not None,
-                              reconstruction=model.get("decoder") is not None)
+    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores}
 
 
 # ----------------------------------------------------------------------------------------------
 # main: the paper's run on each category and seed asked for
 # ----------------------------------------------------------------------------------------------
-def output_folder(cfg: Config) -> Path:
-    out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
-    results = ("results.json", "results.csv", "predictions.csv")
-    if not cfg.overwrite and any((out / n).exists() for n in results):
-        raise UsageError(f"--out {out}: already holds results; pick another --out or pass "
-                         f"--overwrite")
-    return out
+def make_config(values: dict, given: set, config: type = Config):
+    """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked
+    `config`, --synthetic resolved. `given`: the flags on the command line."""
+    fields = dataclasses.fields(config)
+    cfg = config(**{f.name: values[f.name] for f in fields if f.name in values})
+    check_config(cfg)
+    if cfg.synthetic:
+        if "category" in given:
+            raise UsageError("--synthetic makes its own category; drop --category")
+        cfg.category = "synthetic"
+        if "data_root" not in given:
+            cfg.data_root = "./synthetic_mvtec"
+    return cfg
 
 
-def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC, one: bool = False):
-    """Yields (category, seed, data) for every run the flags ask for, each category read once;
-    `one`: a single run is all that makes sense (deploy.py's model files)."""
+def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC):
+    """Yields (category, seed, data) for every run the flags ask for, each category read once."""
     categories = find_categories(root, layout) if cfg.category == "all" else [cfg.category]
     if not categories:
         raise UsageError(f"--category all: no category under {root}; expected "
                          f"{layout.tree} ({layout.name} layout)")
-    seeds = cfg.seed[:1] if one else cfg.seed
-    if one and len(categories) * len(seeds) > 1:
-        raise UsageError("--save and --predict take one category and one seed")
     for category in categories:
         data = load_category(root, category, cfg.image_size, cfg.crop_size, layout)
-        for seed in seeds:
+        for seed in cfg.seed:
             print(f"== {category}, seed {seed}: {len(data.train)} train, {len(data.test)} test "
                   f"images", flush=True)
             yield category, seed, data
 
 
-def print_header(cfg: Config, device: torch.device, weights: str) -> None:
-    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"backbone {cfg.backbone}, weights {weights}", flush=True)
-    if weights == "none":
-        print("note: --weights none (random init): results are not comparable with the paper's")
-
-
 def test_run(cfg: Config, layout: str, category: str, seed: int, data: Category, model: dict,
              device: torch.device, out: Path) -> tuple[dict, str | None]:
     """Scores the test set with the trained encoder (the untrained one beside it), prints the
-    result line. Returns the record and report.html's section (None without a report)."""
-    result, scored = evaluate(cfg, model, data, device, out)
-    r = record(cfg, layout, category, seed, data, model, result, device)
+    result line, writes the --save-maps pictures. Returns the record and report.html's section
+    (None without a report)."""
+    result, scored = evaluate(cfg, model, data, device)
+    r = results.record(cfg, layout, category, seed, data, model, result, device)
     print(report.result_line(r), flush=True)
     if result["untrained_seconds"]:
         print(f"untrained encoder: its bank and the test set in "
               f"{result['untrained_seconds']:.1f}s", flush=True)
+    scored["scale"] = results.colour_scale(model, scored["maps"], data.labels)
+    results.save_maps(cfg.save_maps, model, data, scored, device, out)
     section = None
     if cfg.report_images:
-        section = report_run(r, model, data, scored, cfg.report_images, device)
+        section = results.report_run(r, model, data, scored, cfg.report_images, device)
     return r, section
-
-
-def write_report(cfg: Config, out: Path, subject: str, weights: str, device: torch.device,
-                 sections: list) -> None:
-    if cfg.report_images:
-        report.write_report(out / "report.html", f"Patch AE: {subject}, {cfg.backbone}, weights "
-                            f"{weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
 
 
 def run(cfg: Config) -> list[dict]:
     """The paper's protocol on each category and seed: train, bank, test; then results and
     report. Returns the records."""
-    device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
+    device, out, root = pick_device(cfg.device), results.output_folder(cfg), Path(cfg.data_root)
     if cfg.synthetic:
         make_synthetic_category(root)
-    print_header(cfg, device, cfg.weights)
+    results.print_header(cfg, device, cfg.weights)
     runs, sections = [], []
     for category, seed, data in categories_and_seeds(cfg, root):
         print(f"training on all {len(data.train)} train/good images", flush=True)
         model = fit(cfg, data.train, seed, device)
-        model["protocol"] = paper_protocol(cfg, len(data.train))
+        model["protocol"] = results.paper_protocol(cfg, len(data.train))
         print(f"protocol: {model['protocol']}", flush=True)
         r, section = test_run(cfg, MVTEC.name, category, seed, data, model, device, out)
         runs.append(r)
         sections.append(section)
-    table = report.table_section(*write_results(runs, MVTEC.name, out))
-    write_report(cfg, out, cfg.category, cfg.weights, device, [table, *sections])
+    table = report.table_section(*results.write_results(runs, MVTEC.name, out))
+    results.write_report(cfg, out, cfg.category, cfg.weights, device, [table, *sections])
     return runs
 
 

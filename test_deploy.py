@@ -18,6 +18,8 @@ import conftest
 import deploy
 import patch_ae as pa
 import report
+import results
+import synthetic
 from conftest import (TINY, ReportParser, parse_command, readme_commands, spy_on_evaluate,
                       write_nan_tif)
 
@@ -56,7 +58,7 @@ def test_validation_set_has_one_defect_of_each_kind_per_held_out_image_with_its_
     assert val.images.shape == (4 * n, 3, 64, 64) and val.images.dtype == torch.uint8
     assert list(val.labels) == [0] * n + [1] * (3 * n)
     assert torch.equal(val.images[:n], held) and not val.masks[:n].any()
-    for k, kind in enumerate(pa.DEFECT_KINDS):
+    for k, kind in enumerate(synthetic.DEFECT_KINDS):
         for i in range(n):
             img, mask = val.images[n * (k + 1) + i].int(), val.masks[n * (k + 1) + i]
             changed = (img - held[i].int()).abs().amax(0) > 1             # rounding aside
@@ -368,6 +370,16 @@ def test_holdout_that_leaves_no_training_image_is_refused(capsys, data_root):
                  "lower it")
 
 
+@pytest.mark.parametrize("flags", [["--seeds", "0", "1"], ["--category", "all"]])
+def test_a_model_file_takes_one_category_and_one_seed(capsys, tmp_path, flags):
+    """--save writes one model: several seeds or every category are refused before any training,
+    not narrowed to the first without a word."""
+    data = ["--data-root", str(tmp_path)] if "--category" in flags else ["--synthetic"]
+    expect_error(capsys, [*data, *TINY, *flags, "--save", str(tmp_path / "m.pt")],
+                 "--save, --load and --predict take one --category and one --seed")
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_load_a_file_that_is_not_a_model(capsys, tmp_path):
     junk = tmp_path / "junk.pt"
     torch.save({"some": torch.zeros(2)}, junk)
@@ -511,7 +523,7 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
     model, _ = tiny_model
     folder = image_folder(tmp_path / "in", 7)
     counts = {"read": 0, "written": 0, "largest score_images call": 0}
-    read, write, score = pa.read_image, pa.save_heatmap, pa.score_images
+    read, write, score = pa.read_image, results.save_heatmap, pa.score_images
 
     def counting_read(*a, **k):
         counts["read"] += 1
@@ -526,7 +538,7 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
         counts["largest score_images call"] = max(counts["largest score_images call"], len(images))
         return score(encoder, bank, images, *a, **k)
     monkeypatch.setattr(pa, "read_image", counting_read)
-    monkeypatch.setattr(pa, "save_heatmap", counting_write)
+    monkeypatch.setattr(results, "save_heatmap", counting_write)
     monkeypatch.setattr(pa, "score_images", counting_score)
     deploy.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"),
                  "--batch-size", "2"])

@@ -87,8 +87,8 @@ SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "-
 
 def test_visa_is_read_as_its_csv_says(tmp_path):
     root = write_visa(tmp_path)
-    assert pa.find_categories(root, layouts.VISA) == ["candle"]
-    assert layouts.LAYOUTS["visa"] is layouts.VISA
+    assert layouts.find_categories(root, layouts.VISA) == ["candle"]
+    assert deploy.LAYOUTS["visa"] is layouts.VISA
     data = pa.load_category(root, "candle", 32, 32, layouts.VISA)
     assert data.train.shape == (4, 3, 32, 32) and data.train.dtype == torch.uint8
     assert data.validation is None
@@ -108,8 +108,8 @@ def test_visa_is_read_as_its_csv_says(tmp_path):
 
 def test_mvtec2_is_read_with_its_validation_set_and_masks_by_name(tmp_path):
     root = write_mvtec2(tmp_path)
-    assert pa.find_categories(root, layouts.MVTEC2) == ["can"]
-    assert layouts.LAYOUTS["mvtec2"] is layouts.MVTEC2 and layouts.LAYOUTS["mvtec"] is pa.MVTEC
+    assert layouts.find_categories(root, layouts.MVTEC2) == ["can"]
+    assert deploy.LAYOUTS["mvtec2"] is layouts.MVTEC2 and deploy.LAYOUTS["mvtec"] is pa.MVTEC
     data = pa.load_category(root, "can", 32, 32, layouts.MVTEC2)
     assert data.train.shape == (4, 3, 32, 32) and data.validation.shape == (2, 3, 32, 32)
     assert data.validation.dtype == torch.uint8
@@ -256,3 +256,70 @@ def test_readme_dataset_commands_parse():
     # the paper's protocol, as it says: patch_ae.py, or deploy.py holding nothing out
     assert commands[0][0] == "patch_ae.py" or (cfgs[0].holdout, cfgs[0].select) == (0.0, "last")
     assert cfgs[3].load == cfgs[2].save and cfgs[3].predict.endswith("/can/test_private")
+
+
+# ---------------------------------------------------------------- image files and masks
+def test_read_image_converts_grey_rgba_and_16bit(tmp_path):
+    grey, rgba = tmp_path / "g.png", tmp_path / "a.png"
+    Image.fromarray(np.full((40, 60), 100, np.uint8)).save(grey)
+    Image.fromarray(np.full((40, 60, 4), 200, np.uint8)).save(rgba)
+    deep = tmp_path / "d.png"
+    Image.fromarray(np.full((40, 60), 65535, np.uint16)).save(deep)
+    for path, value in ((grey, 100), (rgba, 200), (deep, 255)):
+        t = pa.read_image(path, 36, 32)
+        assert t.shape == (3, 32, 32) and t.dtype == torch.uint8
+        assert int(t.min()) == int(t.max()) == value
+
+
+def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
+    halves = np.full((40, 60), 10.0, np.float32)
+    halves[:, 30:] = 1000.0
+    deep_mask = np.zeros((40, 60), np.uint16)
+    deep_mask[:, 30:] = 1  # a 16-bit label mask: 1 = defect
+    cases = {
+        "unit.tif": np.full((40, 60), 0.5, np.float32),       # float in [0, 1]: x 255 -> 128, not 0
+        "halves.tif": halves,                                 # other floats: min-max -> 0 | 255
+        "deep.png": np.full((40, 60), 257 * 100, np.uint16),  # 16 bit: / 257 -> 100
+        "dark.png": np.full((40, 60), 200, np.uint16),        # the same scale for a dark image: 1
+    }
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    read = {name: pa.read_image(tmp_path / name, 36, 32) for name in cases}
+    assert int(read["unit.tif"].min()) == int(read["unit.tif"].max()) == 128
+    assert (read["halves.tif"][:, :, :4] == 0).all()
+    assert (read["halves.tif"][:, :, -4:] == 255).all()
+    assert int(read["deep.png"].min()) == int(read["deep.png"].max()) == 100
+    assert int(read["dark.png"].min()) == int(read["dark.png"].max()) == 1
+    Image.fromarray(deep_mask).save(tmp_path / "mask.png")
+    mask = pa.read_image(tmp_path / "mask.png", 36, 32, mask=True)
+    assert mask[:, -4:].all() and not mask[:, :4].any()
+
+
+def test_masks_are_matched_by_name_not_by_position(tmp_path):
+    base = tmp_path / "cat"
+    for i in range(2):
+        d = base / "train" / "good"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / f"{i}.png")
+    # sorted images: img1, img10, img2; sorted masks: img10_mask, img1_mask, img2_mask
+    for k, name in enumerate(("img1", "img10", "img2")):
+        for sub in ("test/crack", "ground_truth/crack"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(base / "test/crack" / f"{name}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[:, 8 * k:8 * k + 8] = 255  # each mask marks a different column band
+        Image.fromarray(mask).save(base / "ground_truth/crack" / f"{name}_mask.png")
+    data = pa.load_category(tmp_path, "cat", 32, 32)
+    for k, path in enumerate(data.test_paths):
+        band = {"img1": 0, "img10": 1, "img2": 2}[path.stem]
+        assert data.masks[k][:, 8 * band:8 * band + 8].all() and data.masks[k].sum() == 32 * 8
+
+
+def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):
+    gt = data_root / "synthetic" / "ground_truth" / "blob"
+    Image.open(gt / "003_mask.png").save(gt / "003_mask.bmp")
+    with pytest.raises(pa.UsageError) as e:
+        pa.load_category(data_root, "synthetic", 64, 64)
+    assert f"{gt / '003_mask.bmp'} and {gt / '003_mask.png'}: two masks for" in str(e.value)
+    assert "keep one" in str(e.value)

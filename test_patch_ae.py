@@ -3,10 +3,12 @@ CutPaste, the encoder and its backbones, the decoder, the loss, training, the me
 coreset, the kNN scorer, the anomaly maps, the metrics, and main() end to end; also the commands
 of README.md and docs/. CPU only, tiny images, resnet18 with random weights (no downloads) but
 where a test is about the packaged EfficientNet-Lite0 weights. Run: pytest -q"""
+import ast
 import base64
 import contextlib
 import dataclasses
 import functools
+import graphlib
 import importlib.util
 import io
 import json
@@ -35,6 +37,8 @@ import efficientnet_lite
 import layouts
 import patch_ae as pa
 import report
+import results
+import synthetic
 import conftest
 from conftest import (ROOT, TINY, ReportParser, parse_command, readme_commands, spy_on_evaluate,
                       write_nan_tif)
@@ -56,86 +60,6 @@ def expect_error(capsys, argv, *fragments) -> str:
 
 
 # ---------------------------------------------------------------- data
-def test_synthetic_category_layout_and_determinism(synthetic_root, tmp_path):
-    base = synthetic_root / "synthetic"
-    assert len(list((base / "train" / "good").glob("*.png"))) == 60
-    for kind in ("scratch", "blob", "stain"):
-        images = sorted(p.stem for p in (base / "test" / kind).glob("*.png"))
-        masks = sorted(p.stem[:-5] for p in (base / "ground_truth" / kind).glob("*_mask.png"))
-        assert images == masks and len(images) == 8
-        assert all(np.asarray(Image.open(p)).any()
-                   for p in (base / "ground_truth" / kind).glob("*.png"))
-    again = pa.make_synthetic_category(tmp_path)
-    for rel in ("train/good/000.png", "test/blob/003.png", "ground_truth/stain/002_mask.png"):
-        assert (again / rel).read_bytes() == (base / rel).read_bytes()
-
-
-def test_read_image_converts_grey_rgba_and_16bit(tmp_path):
-    grey, rgba = tmp_path / "g.png", tmp_path / "a.png"
-    Image.fromarray(np.full((40, 60), 100, np.uint8)).save(grey)
-    Image.fromarray(np.full((40, 60, 4), 200, np.uint8)).save(rgba)
-    deep = tmp_path / "d.png"
-    Image.fromarray(np.full((40, 60), 65535, np.uint16)).save(deep)
-    for path, value in ((grey, 100), (rgba, 200), (deep, 255)):
-        t = pa.read_image(path, 36, 32)
-        assert t.shape == (3, 32, 32) and t.dtype == torch.uint8
-        assert int(t.min()) == int(t.max()) == value
-
-
-def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
-    halves = np.full((40, 60), 10.0, np.float32)
-    halves[:, 30:] = 1000.0
-    deep_mask = np.zeros((40, 60), np.uint16)
-    deep_mask[:, 30:] = 1  # a 16-bit label mask: 1 = defect
-    cases = {
-        "unit.tif": np.full((40, 60), 0.5, np.float32),       # float in [0, 1]: x 255 -> 128, not 0
-        "halves.tif": halves,                                 # other floats: min-max -> 0 | 255
-        "deep.png": np.full((40, 60), 257 * 100, np.uint16),  # 16 bit: / 257 -> 100
-        "dark.png": np.full((40, 60), 200, np.uint16),        # the same scale for a dark image: 1
-    }
-    for name, array in cases.items():
-        Image.fromarray(array).save(tmp_path / name)
-    assert Image.open(tmp_path / "unit.tif").mode == "F"
-    read = {name: pa.read_image(tmp_path / name, 36, 32) for name in cases}
-    assert int(read["unit.tif"].min()) == int(read["unit.tif"].max()) == 128
-    assert (read["halves.tif"][:, :, :4] == 0).all()
-    assert (read["halves.tif"][:, :, -4:] == 255).all()
-    assert int(read["deep.png"].min()) == int(read["deep.png"].max()) == 100
-    assert int(read["dark.png"].min()) == int(read["dark.png"].max()) == 1
-    Image.fromarray(deep_mask).save(tmp_path / "mask.png")
-    mask = pa.read_image(tmp_path / "mask.png", 36, 32, mask=True)
-    assert mask[:, -4:].all() and not mask[:, :4].any()
-
-
-def test_masks_are_matched_by_name_not_by_position(tmp_path):
-    base = tmp_path / "cat"
-    for i in range(2):
-        d = base / "train" / "good"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / f"{i}.png")
-    # sorted images: img1, img10, img2; sorted masks: img10_mask, img1_mask, img2_mask
-    for k, name in enumerate(("img1", "img10", "img2")):
-        for sub in ("test/crack", "ground_truth/crack"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(base / "test/crack" / f"{name}.png")
-        mask = np.zeros((32, 32), np.uint8)
-        mask[:, 8 * k:8 * k + 8] = 255  # each mask marks a different column band
-        Image.fromarray(mask).save(base / "ground_truth/crack" / f"{name}_mask.png")
-    data = pa.load_category(tmp_path, "cat", 32, 32)
-    for k, path in enumerate(data.test_paths):
-        band = {"img1": 0, "img10": 1, "img2": 2}[path.stem]
-        assert data.masks[k][:, 8 * band:8 * band + 8].all() and data.masks[k].sum() == 32 * 8
-
-
-def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):
-    gt = data_root / "synthetic" / "ground_truth" / "blob"
-    Image.open(gt / "003_mask.png").save(gt / "003_mask.bmp")
-    with pytest.raises(pa.UsageError) as e:
-        pa.load_category(data_root, "synthetic", 64, 64)
-    assert f"{gt / '003_mask.bmp'} and {gt / '003_mask.png'}: two masks for" in str(e.value)
-    assert "keep one" in str(e.value)
-
-
 def test_category_without_ground_truth_gives_image_metrics_only(data_root, tmp_path):
     shutil.rmtree(data_root / "synthetic" / "ground_truth")
     data = pa.load_category(data_root, "synthetic", 64, 64)
@@ -405,39 +329,6 @@ def test_decoder_patch_depends_only_on_its_own_feature_vector():
     inside = torch.zeros_like(diff, dtype=torch.bool)
     inside[16:24, 24:32] = True
     assert diff[inside].min() > 0 and diff[~inside].max() == 0
-
-
-class PassThrough(pa.Encoder):
-    """An encoder whose features are its normalised input: with an identity decoder, I_hat is the
-    normalised image itself."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-class Zeros(torch.nn.Module):
-    """A decoder that outputs 0 everywhere: the normalised mean colour."""
-
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(r)
-
-
-@pytest.mark.parametrize("name,mean_pixel", [("resnet18", [124, 116, 104]),     # ImageNet's mean
-                                             ("efficientnet_lite0", [128, 128, 128])])  # 127.5
-def test_reconstruct_undoes_the_backbones_normalisation(name, mean_pixel):
-    encoder = PassThrough(pa.load_backbone(name, "none"))
-    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0))
-    assert torch.equal(pa.reconstruct(encoder, torch.nn.Identity(), images, CPU), images)
-    assert pa.reconstruction_psnr(encoder, torch.nn.Identity(), images, 1, CPU) > 100
-    flat = pa.reconstruct(encoder, Zeros(), images, CPU)  # the backbone's mean, in 0-255 pixels
-    assert flat.dtype == torch.uint8 and flat.shape == images.shape
-    assert [int(flat[0, c].min()) for c in range(3)] == mean_pixel
-    assert [int(flat[0, c].max()) for c in range(3)] == mean_pixel
-    mse = (torch.tensor(mean_pixel).view(1, 3, 1, 1).float() - images.float()).square().mean()
-    assert pa.reconstruction_psnr(encoder, Zeros(), images, 1, CPU) == pytest.approx(
-        10 * math.log10(255 ** 2 / float(mse)), rel=1e-5)
-    assert pa.reconstruction_psnr(encoder, Zeros(), images[:0], 1, CPU) is None
 
 
 def standardised(v: torch.Tensor) -> torch.Tensor:
@@ -817,7 +708,7 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys, 
     # the decoder's PSNR on the normal test images
     normal = seen["data"].test[torch.from_numpy(seen["labels"] == 0)]
     assert len(normal) == 16 and result["reconstruction_psnr"] == pytest.approx(
-        pa.reconstruction_psnr(seen["model"]["encoder"], seen["model"]["decoder"], normal, 16,
+        results.reconstruction_psnr(seen["model"]["encoder"], seen["model"]["decoder"], normal, 16,
                                CPU))
     assert 5 < result["reconstruction_psnr"] < 60
     maps = sorted((tmp_path / "out" / "maps").glob("*.png"))
@@ -931,7 +822,7 @@ def test_the_reconstruction_panel_is_the_decoders_output_for_that_image(syntheti
     seen = spy_on_evaluate(monkeypatch)
     run_main(TINY + ["--save-maps", "40", "--report-images", "3"], tmp_path, synthetic_root)
     model, data = seen["model"], seen["data"]
-    expected = pa.reconstruct(model["encoder"], model["decoder"], data.test, torch.device("cpu"))
+    expected = results.reconstruct(model["encoder"], model["decoder"], data.test, CPU)
     with torch.no_grad():  # the decoder's I_hat, brought back from ImageNet normalisation by hand
         x = data.test.float() / 255
         mean, std = (torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1),
@@ -1094,7 +985,8 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
 
 
 CODE_MODULES = {"patch_ae": pa, "backbones": backbones, "deploy": deploy, "layouts": layouts,
-                "report": report, "cli": cli, "efficientnet_lite": efficientnet_lite}
+                "report": report, "cli": cli, "efficientnet_lite": efficientnet_lite,
+                "results": results, "synthetic": synthetic}
 
 
 def code_name(name: str):
@@ -1103,6 +995,33 @@ def code_name(name: str):
     if head in CODE_MODULES and rest:
         return functools.reduce(getattr, rest, CODE_MODULES[head])
     return functools.reduce(getattr, name.split("."), pa)
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project's modules that a file imports anywhere in it, inside functions too."""
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & modules - {path.stem}
+
+
+def test_imports_run_one_way_as_the_readme_says():
+    """No import cycle among the project's modules, lazy ones included; the files beneath
+    patch_ae.py import nothing of it or above it, and patch_ae.py nothing above it."""
+    files = [p for p in ROOT.glob("*.py") if not p.stem.startswith(("test_", "conftest"))]
+    graph = {p.stem: project_imports(p) for p in files}
+    order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    assert order.index("patch_ae") < order.index("deploy") < order.index("bench")
+    above = {"patch_ae", "deploy", "bench"}
+    for low in ("cli", "report", "backbones", "efficientnet_lite", "layouts", "synthetic",
+                "results"):
+        assert not graph[low] & above, f"{low}.py imports {graph[low] & above}"
+    assert not graph["patch_ae"] & {"deploy", "bench"}
+    assert graph["report"] == set() and graph["cli"] == set()
 
 
 def test_readme_paper_to_code_map_names_exist():
