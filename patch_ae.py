@@ -46,7 +46,8 @@ measurements):
   says "end to end"; this recipe is ours, chosen by measurement (lr on ImageNet EfficientNet-Lite0
   features, the rest on random networks).
 - Protocol as the paper: all of train/good trains and fills the bank, the last epoch is kept.
-- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, official start.
+- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, started as
+  PatchCore's code starts it.
 - kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 distance; maps blurred as PatchCore (sigma 4).
 """
 from __future__ import annotations
@@ -120,31 +121,6 @@ class Config:
     overwrite: bool = flag(False, "allow writing into an --out folder that has results", OUTPUT)
     save_maps: int = flag(0, "write pictures of this many test images", OUTPUT)
     report_images: int = flag(12, "pictures in each gallery of report.html; 0 = no report", OUTPUT)
-
-
-EXAMPLES = """examples:
-  offline, a minute on a CPU (ImageNet EfficientNet-Lite0, a generated category):
-    python patch_ae.py --synthetic --backbone efficientnet_lite0 --image-size 128 \\
-        --crop-size 128 --epochs 5
-  the paper's protocol on MVTec AD:
-    python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category all --seeds 0 1 2
-  your own images, other dataset layouts, a threshold, model files: deploy.py --help"""
-
-
-def check_config(cfg: Config) -> None:
-    """Raises UsageError, naming the flag, for a value that makes no sense."""
-    check([(cfg.epochs >= 0, "--epochs must be >= 0"),
-           (cfg.batch_size >= 1, "--batch-size must be >= 1"),
-           (cfg.lr > 0, "--lr must be > 0"),
-           (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
-           (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
-           (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
-           (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0,
-            "--crop-size must be a multiple of 8, at least 32"),
-           (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
-           (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
-           (cfg.save_maps >= 0, "--save-maps must be >= 0"),
-           (cfg.report_images >= 0, "--report-images must be >= 0")])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,7 +235,9 @@ def cutpaste(img: torch.Tensor, scar: bool,
 
 def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1]: CutPaste on each image with probability p, normal or scar at
-    random (CutPaste-3way's two augmentations), so half the images stay clean."""
+    random (CutPaste-3way's two augmentations), so half the images stay clean. The scar's sizes
+    are CutPaste's at 256 px; image_size (the resize before the crop, which keeps the pixel
+    scale) scales them."""
     out = batch.clone()
     for i in range(len(batch)):
         if torch.rand(()) < p:
@@ -269,7 +247,11 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 
 # ----------------------------------------------------------------------------------------------
 # Encoder (Sec. 2.3, Fig. 2): a pretrained backbone's conv3 and conv4, multi-scale fusion,
-# two 1x1 conv + ReLU. The backbones, their weights and where each is cut: backbones.py
+# two 1x1 conv + ReLU. For the paper's WideResNet-101 at 224 px: conv3 (layer2) gives c1 = 512
+# channels on a 28 x 28 grid, conv4 (layer3) c2 = 1024 on 14 x 14, and R is (B, c3 = 512, 28, 28):
+# 784 patches of 8 x 8 pixels. EfficientNet-Lite0: c1 = 40, c2 = 112, c3 = 50. The input is
+# normalised as the backbone was trained: ImageNet's mean and std for the ResNets,
+# (x - 127.5) / 128 for Lite0. The backbones, their weights and where each is cut: backbones.py
 # ----------------------------------------------------------------------------------------------
 def out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
@@ -328,8 +310,9 @@ class Decoder(nn.Module):
 
 
 class PatchAE(nn.Module):
-    """Eq. 1: I_hat = f_d[Gamma(f_e(I))]; Gamma (one patch per feature vector) is the 1x1 convs
-    and the pixel shuffle."""
+    """Eq. 1: I_hat = f_d[Gamma(f_e(I))]. f_e is the encoder; Gamma splits R by position, one
+    vector per patch; f_d is the decoder, whose 1x1 convs see one vector at a time and whose
+    pixel shuffle lays each result out as its 8x8 patch."""
 
     def __init__(self, backbone: nn.Module, feat_dim: int = 0):
         super().__init__()
@@ -353,7 +336,7 @@ def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float,
     p_hat = F.unfold(recon, stride, stride=stride).transpose(1, 2)  # Gamma (Eq. 2): (B, P, 3*s*s)
     p = F.unfold(target, stride, stride=stride).transpose(1, 2)
 
-    def norm(v):  # standardise within each patch, as MAE's normalised-pixel target
+    def norm(v):  # Eq. 3's norm(): each patch standardised over its own 3*s*s values
         return (v - v.mean(-1, keepdim=True)) / (v.var(-1, keepdim=True) + NORM_EPS).sqrt()
     l_norm = (norm(p_hat) - norm(p)).norm(dim=-1).sum(1)   # (B,)
     l_pixel = (p_hat - p).norm(dim=-1).sum(1)              # (B,)
@@ -424,6 +407,9 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
     return losses
 
 
+# ----------------------------------------------------------------------------------------------
+# Memory bank (Sec. 2.6, the "normal representation set"): PatchCore's greedy coreset
+# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int,
                      device: torch.device, desc: str = "features") -> torch.Tensor:
@@ -442,16 +428,13 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Memory bank (Sec. 2.6, the "normal representation set"): PatchCore's greedy coreset
-# ----------------------------------------------------------------------------------------------
 def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
                    n_starts: int = 10) -> torch.Tensor:
     """(N, D) -> LongTensor (n,) of rows that greedily cover the set (k-center): each step adds
     the row farthest from those chosen so far, on a 128-d random (Johnson-Lindenstrauss)
-    projection. Start as the official ApproximateGreedyCoresetSampler: every row's mean (not
-    squared) distance to `n_starts` random rows stands for its distance to the empty set; those
-    rows are not added."""
+    projection. It starts as PatchCore's own code does (its ApproximateGreedyCoresetSampler):
+    every row's mean (not squared) distance to `n_starts` random rows stands for its distance to
+    the empty set; those rows are not added."""
     N, D = features.shape
     n = max(1, min(n, N))
     g = torch.Generator().manual_seed(seed)
@@ -682,7 +665,7 @@ def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard
     (it may load an earlier one). Returns the model as evaluate() takes it."""
     seed_everything(seed)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
-    cfg.feat_dim = model.encoder.feat_dim
+    cfg.feat_dim = model.encoder.feat_dim  # c3 as built (0 = automatic): results.json keeps it
     initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
     t0 = clock(device)
     losses = train_patch_ae(model, train, cfg, device, guard.on_epoch if guard else None)
@@ -742,6 +725,31 @@ def evaluate(cfg: Config, model: dict, data: Category,
 # ----------------------------------------------------------------------------------------------
 # main: the paper's run on each category and seed asked for
 # ----------------------------------------------------------------------------------------------
+EXAMPLES = """examples:
+  offline, a minute on a CPU (ImageNet EfficientNet-Lite0, a generated category):
+    python patch_ae.py --synthetic --backbone efficientnet_lite0 --image-size 128 \\
+        --crop-size 128 --epochs 5
+  the paper's protocol on MVTec AD:
+    python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category all --seeds 0 1 2
+  your own images, other dataset layouts, a threshold, model files: deploy.py --help"""
+
+
+def check_config(cfg: Config) -> None:
+    """Raises UsageError, naming the flag, for a value that makes no sense."""
+    check([(cfg.epochs >= 0, "--epochs must be >= 0"),
+           (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+           (cfg.lr > 0, "--lr must be > 0"),
+           (cfg.backbone_lr >= 0, "--backbone-lr must be >= 0 (0 = frozen)"),
+           (0 <= cfg.alpha <= 1, "--alpha must be in [0, 1]"),
+           (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
+           (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0,
+            "--crop-size must be a multiple of 8, at least 32"),
+           (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
+           (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
+           (cfg.save_maps >= 0, "--save-maps must be >= 0"),
+           (cfg.report_images >= 0, "--report-images must be >= 0")])
+
+
 def make_config(values: dict, given: set, config: type = Config):
     """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked
     `config`, --synthetic resolved. `given`: the flags on the command line."""
