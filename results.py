@@ -29,6 +29,8 @@ from cli import UsageError
 # Where the files go, and how they are written
 # ----------------------------------------------------------------------------------------------
 def output_folder(cfg) -> Path:
+    """--out, else runs/<category>__<seed>__<time>; one that holds results is refused unless
+    --overwrite, so nothing written before is lost."""
     out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
     results = ("results.json", "results.csv", "predictions.csv")
     if not cfg.overwrite and any((out / n).exists() for n in results):
@@ -77,7 +79,7 @@ def recipe_words(cfg) -> str:
 
 
 # What results.json keeps of a model beside the metrics; deploy.py fills the guard's part
-# (threshold, heat_scale, n_holdout, validation_curve, val_every, validation_seconds), None here.
+# (threshold, heat_scale, validation_curve, val_every, validation_seconds), None without it.
 RUN_FIELDS = ("threshold", "heat_scale", "n_train", "n_holdout", "protocol", "selected_epoch",
               "val_every", "validation_curve", "loss_by_epoch", "train_seconds", "bank_seconds",
               "validation_seconds")
