@@ -1169,6 +1169,27 @@ def gpu_check_parser(gpu_check):
     return parse
 
 
+@pytest.mark.parametrize("tiny", [False, True])
+def test_gpu_check_command_lines_parse(tmp_path, tiny):
+    """Every command line that tools/gpu_check.py builds, at the GPU's sizes and at --tiny's, is
+    accepted by its script's own parser and checks: a flag that is gone fails here, in CI, not
+    on the GPU machine."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    parsers = {"patch_ae.py": functools.partial(parse_command, "patch_ae.py"),
+               "deploy.py": functools.partial(parse_command, "deploy.py"),
+               "bench.py": bench.parse_args}
+    parsed = []
+    for line in (line for lines in gpu_check.commands(tiny, "cuda", tmp_path).values()
+                 for line in lines):
+        script, *argv = gpu_check.split(line)[1][1:]
+        if script in parsers:
+            parsers[script](argv)
+            parsed.append(script)
+    assert set(parsed) == set(parsers) and len(parsed) >= 11, parsed
+
+
 def test_doc_commands_parse(tmp_path):
     """Every command line in README.md and docs/ is accepted by the parser of the script it runs
     (placeholders such as /path/to/... are fine: parsing does not read the disk), or, for a
