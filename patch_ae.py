@@ -5,9 +5,10 @@ Patch AE does the opposite: it trains an encoder to reconstruct every image patc
 CutPaste defects included, from that patch's own feature vector. The encoder's features then
 describe defects well, and a test patch is scored by its distance to the nearest feature of the
 normal training images (a memory bank, as in PatchCore). The decoder only teaches the encoder: at
-test time the trained encoder and its memory bank score the images, and the decoder is not used.
+test time the trained encoder and its memory bank score the images, and the decoder scores nothing
+(the report shows its reconstruction and PSNR).
 
-    image --CutPaste(p=0.5)--> encoder (backbone stem, conv3, conv4; conv3 + up(conv4); two
+    image --CutPaste(p=0.5)--> encoder (backbone stem, conv3, conv4; concat(conv3, up(conv4)); two
     1x1 conv+ReLU) --> R (B, c3, H/8, W/8) --> decoder (1x1 conv, ReLU, 1x1 conv, pixel
     shuffle) --> one 8x8 patch per feature vector --> hybrid patch loss (Eq. 3)
     test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map; image score = the
@@ -250,8 +251,9 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 # two 1x1 conv + ReLU. For the paper's WideResNet-101 at 224 px: conv3 (layer2) gives c1 = 512
 # channels on a 28 x 28 grid, conv4 (layer3) c2 = 1024 on 14 x 14, and R is (B, c3 = 512, 28, 28):
 # 784 patches of 8 x 8 pixels. EfficientNet-Lite0: c1 = 40, c2 = 112, c3 = 50. The input is
-# normalised as the backbone was trained: ImageNet's mean and std for the ResNets,
-# (x - 127.5) / 128 for Lite0. The backbones, their weights and where each is cut: backbones.py
+# normalised as the backbone was trained, from pixels in [0, 1]: ImageNet's mean (0.485, 0.456,
+# 0.406) and std (0.229, 0.224, 0.225) for the ResNets; Lite0's (255 x - 127.5) / 128. The
+# backbones, their weights and where each is cut: backbones.py
 # ----------------------------------------------------------------------------------------------
 def out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
@@ -332,7 +334,9 @@ NORM_EPS = 1e-6  # norm() divides by sqrt(var + eps); 1e-2 changed nothing measu
 
 def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float,
                stride: int = 8) -> torch.Tensor:
-    """(B, 3, H, W) x 2 -> scalar: Eq. 3 summed over the P patches, averaged over the batch."""
+    """(B, 3, H, W) x 2 -> scalar: Eq. 3 summed over the P patches, averaged over the batch.
+    Both images are in the backbone's normalised units (about 4 x a [0, 1] pixel for ImageNet's
+    std), and a patch's terms are norms over its 192 values: so the loss is in the thousands."""
     p_hat = F.unfold(recon, stride, stride=stride).transpose(1, 2)  # Gamma (Eq. 2): (B, P, 3*s*s)
     p = F.unfold(target, stride, stride=stride).transpose(1, 2)
 
