@@ -274,11 +274,12 @@ def save_model(path: str, cfg: DeployConfig, model: dict) -> None:
     threshold and heatmap colours, the decoder (only the report's reconstruction panel uses it),
     the config and the versions."""
     results.atomic_save({"format": MODEL_FORMAT, "config": vars(cfg).copy(),
-                    "encoder": model["encoder"].state_dict(),
-                    "decoder": model["decoder"].state_dict(), "memory_bank": model["bank"].cpu(),
-                    **{key: model.get(key) for key in KEPT},
-                    "versions": {"torch": str(torch.__version__),
-                                 "torchvision": torchvision.__version__}}, Path(path))
+                         "encoder": model["encoder"].state_dict(),
+                         "decoder": model["decoder"].state_dict(),
+                         "memory_bank": model["bank"].cpu(),
+                         **{key: model.get(key) for key in KEPT},
+                         "versions": {"torch": str(torch.__version__),
+                                      "torchvision": torchvision.__version__}}, Path(path))
     print(f"saved model to {path}")
     if model.get("threshold") is None:
         print("note: the model has no threshold (no held-out images), so --predict will leave "

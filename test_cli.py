@@ -73,7 +73,7 @@ def test_check_raises_the_first_failing_message():
 
 
 def test_progress_prints_done_rate_and_eta_every_few_seconds_and_at_the_end(capsys,
-                                                                          monkeypatch):
+                                                                            monkeypatch):
     now = iter([0.0, 1.0, 2.5, 3.0])
     monkeypatch.setattr(cli.time, "perf_counter", lambda: next(now))
     progress = cli.Progress("reading", 3, "img", every=2.0)

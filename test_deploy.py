@@ -95,7 +95,7 @@ def test_validation_score_is_the_mean_of_image_and_pixel_auroc():
     ([0.8, 0.805, 0.809, 0.6, 0.81], "best", 0.0, 4),
     ([0.8, 0.805, 0.812, 0.6, 0.82], "best", 0.01, 2)])  # 0.812 > 0.81; 0.82 is not above 0.822
 def test_selection_keeps_the_state_of_the_best_validation_score(synthetic_root, monkeypatch, fake,
-                                                                 select, tolerance, expected):
+                                                                select, tolerance, expected):
     """A fake validation curve over epochs 0-4; the encoder and the decoder end with exactly the
     selected epoch's weights."""
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
@@ -199,8 +199,8 @@ def test_automatic_validation_period_keeps_validation_near_its_budget(synthetic_
 
 
 def test_threshold_is_the_chosen_quantile_of_the_held_out_scores_not_their_maximum(synthetic_root,
-                                                                                    monkeypatch,
-                                                                                    capsys):
+                                                                                   monkeypatch,
+                                                                                   capsys):
     data = pa.load_category(synthetic_root, "synthetic", 32, 32)
     held = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 10.0])  # the 6 held-out images' scores: one far above
     score_images = pa.score_images
@@ -547,7 +547,7 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
 
 
 def test_predict_heatmap_colours_use_the_models_scale_else_each_images_own(tiny_model, tmp_path,
-                                                                          monkeypatch, capsys):
+                                                                           monkeypatch, capsys):
     model, threshold = tiny_model
     folder = image_folder(tmp_path / "in", 3)
     scales, panels = [], report.panels
@@ -643,7 +643,7 @@ def test_load_keeps_the_image_score_its_threshold_was_fitted_on(tiny_model, synt
 
 
 def test_predict_gives_a_float_image_with_a_nan_pixel_its_error_row(capsys, tiny_model,
-                                                                     tmp_path):
+                                                                    tmp_path):
     model, _ = tiny_model
     folder = image_folder(tmp_path / "in", 2)
     write_nan_tif(folder / "nan.tif")

@@ -217,7 +217,7 @@ def test_all_mvtec2_categories_end_to_end_without_peer_columns(tmp_path, capsys)
     root = write_mvtec2(tmp_path / "mvtec2")
     out = tmp_path / "out"
     deploy.main(["--dataset", "mvtec2", "--data-root", str(root), "--category", "all", "--out",
-             str(out), *SMALL])
+                 str(out), *SMALL])
     result = json.loads((out / "results.json").read_text())
     assert result["dataset"] == "mvtec2" and result["n_test"] == 5
     assert result["pixel_auroc"] is not None

@@ -709,7 +709,7 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys, 
     normal = seen["data"].test[torch.from_numpy(seen["labels"] == 0)]
     assert len(normal) == 16 and result["reconstruction_psnr"] == pytest.approx(
         results.reconstruction_psnr(seen["model"]["encoder"], seen["model"]["decoder"], normal, 16,
-                               CPU))
+                                    CPU))
     assert 5 < result["reconstruction_psnr"] < 60
     maps = sorted((tmp_path / "out" / "maps").glob("*.png"))
     assert len(maps) == 3
@@ -800,11 +800,11 @@ def test_galleries_name_false_alarms_and_misses_only_by_the_threshold():
                            for n in shown)
     none = galleries(0.25)  # every normal image but one below, no defect below
     assert none["Lowest-scoring defective images: none below the threshold"] == ["img3", "img4",
-                                                                                  "img5"]
+                                                                                 "img5"]
     assert none["False alarms: normal images at or above the threshold (2)"] == ["img2", "img1"]
     high = galleries(0.99)
     assert high["Highest-scoring normal images: none at or above the threshold"] == ["img2", "img1",
-                                                                                      "img0"]
+                                                                                     "img0"]
 
 
 def panels_top(png: np.ndarray, image: torch.Tensor) -> int:
@@ -899,7 +899,7 @@ def test_a_float_image_with_a_nan_pixel_is_refused_not_read_as_black(capsys, dat
     (data_root / "synthetic" / "train" / "good" / "007.png").unlink()
     bad = write_nan_tif(data_root / "synthetic" / "train" / "good" / "007.tif")
     expect_error(capsys, ["--data-root", str(data_root), "--category", "synthetic",
-                                   *TINY], str(bad), "NaN")
+                          *TINY], str(bad), "NaN")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present, so --device cuda is valid")
@@ -914,7 +914,7 @@ def test_device_cuda_without_gpu(capsys, synthetic_root):
     ("--coreset-ratio", "1.5", "--coreset-ratio must be in (0, 1]"),
     ("--alpha", "2", "--alpha must be in [0, 1]"),
     ("--crop-size", "60", "multiple of 8"), ("--image-size", "32", "--image-size must be >= "
-                                                   "--crop-size"),
+                                             "--crop-size"),
     ("--batch-size", "0", "--batch-size must be >= 1"), ("--lr", "0", "--lr must be > 0")])
 def test_nonsensical_options(capsys, flag, value, message):
     expect_error(capsys, [flag, value], message)

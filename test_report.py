@@ -69,9 +69,9 @@ def test_misses_are_listed_lowest_score_first():
     scores = [0.4, 0.1, 0.3, 0.9, 0.2, 0.1]
     shown = galleries(labels, scores, 0.5)
     assert shown["Misses: defective images below the threshold (4)"] == ["img1", "img5", "img2",
-                                                                           "img0"]
+                                                                         "img0"]
     assert galleries(labels, scores, 0.5, n=2)["Misses: defective images below the threshold "
-                                                 "(4)"] == ["img1", "img5"]  # the lowest two
+                                               "(4)"] == ["img1", "img5"]  # the lowest two
     no_threshold = galleries(labels, scores, None)
     assert no_threshold["Lowest-scoring defective images (no threshold, so no misses to name)"] \
         == ["img1", "img5", "img2", "img0", "img3"]
