@@ -4,18 +4,16 @@ report.html, one self-contained page per run.
 It renders what a run gives it (numbers, numpy arrays, strings and a function that draws a test
 image's picture) and imports nothing from patch_ae.py. Inline SVG plots and JPEG pictures, no
 script, font or style from the network: the page opens offline and can be mailed as one file.
-patch_ae.py also takes its pictures from here (panels), for the PNGs it writes: with a caption,
+results.py also takes its pictures from here (panels), for the PNGs it writes: with a caption,
 each names its panels and says its score, its verdict and its colour scale in the picture.
 """
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
-import functools
 import math
-import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -642,16 +640,12 @@ def table_section(header: list, rows: list, notes: list) -> str:
     return "<h2>Results</h2>" + html_table(header, rows, notes)
 
 
-def write_report(path: Path, title: str, sections: list[str]) -> None:
-    """The page, written beside `path` and renamed into place: an interrupted run leaves the old."""
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
+def page(title: str, sections: list[str]) -> str:
+    """The whole page, one self-contained HTML document (results.write_report saves it as UTF-8,
+    the charset it declares)."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
             f"content='width=device-width, initial-scale=1'><title>{esc(title)}</title><style>"
             f"{STYLE}</style></head><body><h1>{esc(title)}</h1>{''.join(sections)}</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")  # as its <meta charset> says, whatever the locale
-    os.replace(tmp, path)
-    print(f"report: {path} ({size_text(path.stat().st_size)})", flush=True)
 
 
 def size_text(n_bytes: int) -> str:

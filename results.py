@@ -40,11 +40,13 @@ def output_folder(cfg) -> Path:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old."""
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old.
+    Text is written as UTF-8 whatever the locale: file and category names may be in any
+    language, and report.html declares that charset."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if isinstance(obj, str):
-        tmp.write_text(obj)
+        tmp.write_text(obj, encoding="utf-8")
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -217,6 +219,9 @@ def report_run(r: dict, model: dict, data, scored: dict, n: int,
 
 def write_report(cfg, out: Path, subject: str, weights: str, device: torch.device,
                  sections: list) -> None:
+    """out/report.html (unless --report-images 0), written as every result file is."""
     if cfg.report_images:
-        report.write_report(out / "report.html", f"Patch AE: {subject}, {cfg.backbone}, weights "
-                            f"{weights}, {device}, {time.strftime('%Y-%m-%d %H:%M')}", sections)
+        path = out / "report.html"
+        atomic_save(report.page(f"Patch AE: {subject}, {cfg.backbone}, weights {weights}, "
+                                f"{device}, {time.strftime('%Y-%m-%d %H:%M')}", sections), path)
+        print(f"report: {path} ({report.size_text(path.stat().st_size)})", flush=True)
