@@ -69,6 +69,14 @@ def expect_error(capsys, main, argv, *fragments) -> str:
     return err
 
 
+
+def help_text(capsys, main) -> str:
+    """main(['--help']) must exit 0; -> the help it printed."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
 class ReportParser(HTMLParser):
     """report.html -> every attribute value, the <img> sources, and each <h3> gallery's captions
     in order."""

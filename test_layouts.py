@@ -297,23 +297,18 @@ def test_read_image_scales_float_and_deep_greyscale_by_their_range(tmp_path):
 
 
 def test_masks_are_matched_by_name_not_by_position(tmp_path):
-    base = tmp_path / "cat"
+    base, black = tmp_path / "cat", np.zeros((32, 32, 3), np.uint8)
     for i in range(2):
-        d = base / "train" / "good"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / f"{i}.png")
+        save_image(base / "train" / "good" / f"{i}.png", black)
     # sorted images: img1, img10, img2; sorted masks: img10_mask, img1_mask, img2_mask
     for k, name in enumerate(("img1", "img10", "img2")):
-        for sub in ("test/crack", "ground_truth/crack"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(base / "test/crack" / f"{name}.png")
-        mask = np.zeros((32, 32), np.uint8)
-        mask[:, 8 * k:8 * k + 8] = 255  # each mask marks a different column band
-        Image.fromarray(mask).save(base / "ground_truth/crack" / f"{name}_mask.png")
+        save_image(base / "test" / "crack" / f"{name}.png", black)
+        save_image(base / "ground_truth" / "crack" / f"{name}_mask.png", band(k, 32, 32))
     data = pa.load_category(tmp_path, "cat", 32, 32)
+    assert [p.stem for p in data.test_paths] == ["img1", "img10", "img2"]
     for k, path in enumerate(data.test_paths):
-        band = {"img1": 0, "img10": 1, "img2": 2}[path.stem]
-        assert data.masks[k][:, 8 * band:8 * band + 8].all() and data.masks[k].sum() == 32 * 8
+        b = {"img1": 0, "img10": 1, "img2": 2}[path.stem]  # the band its mask was drawn with
+        assert data.masks[k][:, 8 * b:8 * b + 8].all() and data.masks[k].sum() == 32 * 8
 
 
 def test_two_masks_with_the_same_name_are_an_error_naming_both(data_root):

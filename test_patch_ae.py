@@ -41,8 +41,8 @@ import report
 import results
 import synthetic
 import conftest
-from conftest import (ROOT, TINY, ReportParser, parse_command, readme_commands, spy_on_evaluate,
-                      write_nan_tif)
+from conftest import (ROOT, TINY, ReportParser, help_text, parse_command, readme_commands,
+                      spy_on_evaluate, write_nan_tif)
 
 CPU = torch.device("cpu")
 # the result line's second line: the untrained encoder's metrics beside the trained one's
@@ -383,7 +383,7 @@ def test_training_leaves_every_batchnorm_statistic_of_the_backbone_unchanged(nam
     conv_before = conv4.clone()
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
     pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=4, image_size=32, crop_size=32),
-                      torch.device("cpu"))
+                      CPU)
     for name, m in bns.items():
         assert not m.training, name
         assert all(torch.equal(a, b) for a, b in zip(m.buffers(), before[name])), name
@@ -427,7 +427,7 @@ def test_frozen_stem_does_not_change_and_cosine_schedule_ends_near_zero(syntheti
     cfg = pa.Config(epochs=3, batch_size=4, image_size=32, crop_size=32, lr=1e-3)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.optim.Adam, "step", step)
-        losses = pa.train_patch_ae(model, images, cfg, torch.device("cpu"))
+        losses = pa.train_patch_ae(model, images, cfg, CPU)
     assert all(torch.equal(v, model.encoder.stem.state_dict()[k]) for k, v in stem.items())
     assert any(not torch.equal(v, model.encoder.conv4.state_dict()[k]) for k, v in conv4.items())
     assert len(seen) == 6 and seen[0] == pytest.approx(1e-3) and seen[-1] < 0.1 * 1e-3
@@ -479,7 +479,7 @@ def test_training_step_input_and_target_are_the_same_cutpaste_augmented_batch(mo
         lambda module, args: inputs.append(args[0].detach().clone()))
     images = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
     pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=8, image_size=32, crop_size=32),
-                      torch.device("cpu"))
+                      CPU)
     assert len(augmented) == len(inputs) == len(targets) == 1
     expected = model.encoder.normalize(augmented[0])  # the backbone's own normalisation
     assert torch.equal(inputs[0], expected) and torch.equal(targets[0], expected)
@@ -591,10 +591,9 @@ def test_score_images_is_the_nearest_bank_distance_upsampled_and_blurred():
     torch.manual_seed(0)
     encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
-    cpu = torch.device("cpu")
-    feats = pa.extract_features(encoder, images[:1], 1, cpu)                     # (1, C, 4, 4)
+    feats = pa.extract_features(encoder, images[:1], 1, CPU)                     # (1, C, 4, 4)
     bank = pa.flatten_patches(feats)[::2]  # half of image 0's patches: distances 0 and > 0
-    scores, maps = pa.score_images(encoder, bank, images, 2, cpu)
+    scores, maps = pa.score_images(encoder, bank, images, 2, CPU)
     with torch.no_grad():
         r = encoder(encoder.normalize(images.float() / 255))                     # (3, C, 4, 4)
     q = pa.flatten_patches(r)
@@ -779,36 +778,6 @@ def test_report_is_self_contained_and_its_galleries_hold_the_right_images(synthe
     assert not (tmp_path / "none" / "out" / "report.html").exists()
 
 
-def test_galleries_name_false_alarms_and_misses_only_by_the_threshold():
-    labels = np.array([0, 0, 0, 1, 1, 1])
-    scores = np.array([0.1, 0.5, 0.9, 0.3, 0.6, 0.95])
-    names = [f"img{i}" for i in range(6)]
-    pixels = np.zeros((8, 8, 3), np.uint8)
-
-    def galleries(threshold):
-        page = ReportParser(report.galleries(labels, scores, threshold, names,
-                                             lambda i: pixels, 10))
-        return page.galleries
-    some = galleries(0.55)  # normal img2 (0.9) at or above it; defect img3 (0.3) below it
-    assert some["False alarms: normal images at or above the threshold (1)"] == ["img2"]
-    assert some["Misses: defective images below the threshold (1)"] == ["img3"]
-    for threshold in np.linspace(0, 1, 21):  # whatever the threshold, the rule holds
-        for heading, shown in galleries(threshold).items():
-            if heading.startswith("False alarms"):
-                assert all(labels[names.index(n)] == 0 and scores[names.index(n)] >= threshold
-                           for n in shown)
-            if heading.startswith("Misses"):
-                assert all(labels[names.index(n)] == 1 and scores[names.index(n)] < threshold
-                           for n in shown)
-    none = galleries(0.25)  # every normal image but one below, no defect below
-    assert none["Lowest-scoring defective images: none below the threshold"] == ["img3", "img4",
-                                                                                 "img5"]
-    assert none["False alarms: normal images at or above the threshold (2)"] == ["img2", "img1"]
-    high = galleries(0.99)
-    assert high["Highest-scoring normal images: none at or above the threshold"] == ["img2", "img1",
-                                                                                     "img0"]
-
-
 def panels_top(png: np.ndarray, image: torch.Tensor) -> int:
     """The row of a PNG picture where its panels begin, under their titles: the one where its first
     panel is `image` (uint8 (3, S, S)), pixel for pixel."""
@@ -930,13 +899,6 @@ def test_existing_results_are_not_overwritten(capsys, synthetic_root, tmp_path):
     assert (tmp_path / "out" / "results.json").read_text() == before
 
 
-def help_text(capsys, main) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0
-    return capsys.readouterr().out
-
-
 def test_every_config_field_is_a_flag_in_its_help_group_and_abbreviations_are_refused(capsys):
     text = help_text(capsys, pa.main)
     for f in dataclasses.fields(pa.Config):
@@ -1029,7 +991,7 @@ def test_imports_run_one_way_as_the_readme_says():
 def test_readme_paper_to_code_map_names_exist():
     """Every backticked name in the code column of the README's paper-to-code map exists: in
     patch_ae.py, or, written module.name, in that module."""
-    text = (Path(__file__).parent / "README.md").read_text()
+    text = (ROOT / "README.md").read_text()
     body = text.split("\n## Paper-to-code map", 1)[1].split("\n## ", 1)[0]
     # after the header and its rule
     rows = [line for line in body.splitlines() if line.startswith("|")][2:]
@@ -1056,7 +1018,7 @@ def doc_commands() -> dict[str, list[tuple[str, list[str], str]]]:
     argv, context): in a fenced block one per line (a line ending in a backslash joined with the
     next, comment lines skipped), in the text every inline code span that holds one. The context
     is the command's paragraph (for a fenced block: the paragraph before it and the block)."""
-    root, found = Path(__file__).parent, {s: [] for s in DOC_SCRIPTS}
+    root, found = ROOT, {s: [] for s in DOC_SCRIPTS}
     scripts = "|".join(re.escape(s) for s in DOC_SCRIPTS)
     command = re.compile(r"\bpython3? (" + scripts + r")(?=\s|$)(.*)", re.S)
     for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
@@ -1130,7 +1092,7 @@ COMMIT_FILES = (("patch_ae.py", "patch_ae.py"), ("bench.py", "bench.py"),
 def parse_at_commit(commit: str, commands: list, folder: Path) -> list | None:
     """The commands that the scripts of `commit` refuse; None where this checkout has no history
     to show it from (no git, or a shallow clone)."""
-    root = Path(__file__).parent
+    root = ROOT
     shallow = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-shallow-repository"],
                              capture_output=True, text=True)
     if shallow.returncode or shallow.stdout.strip() != "false":
@@ -1171,39 +1133,41 @@ def gpu_check_parser(gpu_check):
     return parse
 
 
+def load_gpu_check():
+    """tools/gpu_check.py as a module object of the caller's own: a fresh one each call, since
+    gpu_check_parser replaces its commands()."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+# each product script's command line, parsed and checked as its main() does
+SCRIPT_PARSERS = {"patch_ae.py": functools.partial(parse_command, "patch_ae.py"),
+                  "deploy.py": functools.partial(parse_command, "deploy.py"),
+                  "bench.py": bench.parse_args}
+
+
 @pytest.mark.parametrize("tiny", [False, True])
 def test_gpu_check_command_lines_parse(tmp_path, tiny):
     """Every command line that tools/gpu_check.py builds, at the GPU's sizes and at --tiny's, is
     accepted by its script's own parser and checks: a flag that is gone fails here, in CI, not
     on the GPU machine."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    parsers = {"patch_ae.py": functools.partial(parse_command, "patch_ae.py"),
-               "deploy.py": functools.partial(parse_command, "deploy.py"),
-               "bench.py": bench.parse_args}
-    parsed = []
+    gpu_check, parsed = load_gpu_check(), []
     for line in (line for lines in gpu_check.commands(tiny, "cuda", tmp_path).values()
                  for line in lines):
         script, *argv = gpu_check.split(line)[1][1:]
-        if script in parsers:
-            parsers[script](argv)
+        if script in SCRIPT_PARSERS:
+            SCRIPT_PARSERS[script](argv)
             parsed.append(script)
-    assert set(parsed) == set(parsers) and len(parsed) >= 11, parsed
+    assert set(parsed) == set(SCRIPT_PARSERS) and len(parsed) >= 11, parsed
 
 
 def test_doc_commands_parse(tmp_path):
     """Every command line in README.md and docs/ is accepted by the parser of the script it runs
     (placeholders such as /path/to/... are fine: parsing does not read the disk), or, for a
     record made with a flag since removed, its paragraph names a commit whose scripts accept it."""
-    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).parent / "tools" /
-                                                  "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
-    parsers = {"patch_ae.py": functools.partial(parse_command, "patch_ae.py"),
-               "deploy.py": functools.partial(parse_command, "deploy.py"),
-               "bench.py": bench.parse_args,
-               "tools/gpu_check.py": gpu_check_parser(gpu_check)}
+    parsers = {**SCRIPT_PARSERS, "tools/gpu_check.py": gpu_check_parser(load_gpu_check())}
     found, failed, older = doc_commands(), [], {}
     for script, commands in found.items():
         for where, argv, context in commands:

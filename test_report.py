@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageFont
 
 import report
+from conftest import ReportParser
 
 
 def test_change_is_the_difference_of_the_shown_values():
@@ -26,20 +27,13 @@ def test_change_is_the_difference_of_the_shown_values():
     assert sentence == "Training changed image AUROC by -0.3 points (87.7 to 87.4)."
 
 
-def gallery_captions(page: str) -> dict:
-    """galleries() HTML -> {heading: the image names in its captions, in order}."""
-    shown = {}
-    for part in page.split("<h3>")[1:]:
-        heading, body = part.split("</h3>", 1)
-        shown[html.unescape(heading)] = re.findall(r"<figcaption>([^:<]*):", body)
-    return shown
-
-
 def galleries(labels, scores, threshold, n=10) -> dict:
+    """report.galleries of images img0, img1, ... -> {heading: the image names in its captions,
+    in order}."""
     names = [f"img{i}" for i in range(len(scores))]
     pixels = np.zeros((4, 4, 3), np.uint8)
-    return gallery_captions(report.galleries(np.array(labels), np.array(scores), threshold, names,
-                                             lambda i: pixels, n))
+    return ReportParser(report.galleries(np.array(labels), np.array(scores), threshold, names,
+                                         lambda i: pixels, n)).galleries
 
 
 def test_an_image_scoring_exactly_the_threshold_is_flagged():
@@ -58,6 +52,31 @@ def test_galleries_at_the_threshold_a_normal_image_is_a_false_alarm_and_a_defect
     # every defect at or above it: no misses, and the heading says so
     shown = galleries([0, 1, 1], [0.1, 0.5, 0.9], 0.5)
     assert "Lowest-scoring defective images: none below the threshold" in shown
+
+
+def test_galleries_name_false_alarms_and_misses_only_by_the_threshold():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.5, 0.9, 0.3, 0.6, 0.95])
+    names = [f"img{i}" for i in range(6)]
+    # normal img2 (0.9) at or above the threshold; defect img3 (0.3) below it
+    some = galleries(labels, scores, 0.55)
+    assert some["False alarms: normal images at or above the threshold (1)"] == ["img2"]
+    assert some["Misses: defective images below the threshold (1)"] == ["img3"]
+    for threshold in np.linspace(0, 1, 21):  # whatever the threshold, the rule holds
+        for heading, shown in galleries(labels, scores, threshold).items():
+            if heading.startswith("False alarms"):
+                assert all(labels[names.index(n)] == 0 and scores[names.index(n)] >= threshold
+                           for n in shown)
+            if heading.startswith("Misses"):
+                assert all(labels[names.index(n)] == 1 and scores[names.index(n)] < threshold
+                           for n in shown)
+    none = galleries(labels, scores, 0.25)  # every normal image but one below, no defect below
+    assert none["Lowest-scoring defective images: none below the threshold"] == ["img3", "img4",
+                                                                                 "img5"]
+    assert none["False alarms: normal images at or above the threshold (2)"] == ["img2", "img1"]
+    high = galleries(labels, scores, 0.99)
+    assert high["Highest-scoring normal images: none at or above the threshold"] == ["img2", "img1",
+                                                                                     "img0"]
 
 
 def test_misses_are_listed_lowest_score_first():
