@@ -1161,6 +1161,8 @@ def test_gpu_check_command_lines_parse(tmp_path, tiny):
             SCRIPT_PARSERS[script](argv)
             parsed.append(script)
     assert set(parsed) == set(SCRIPT_PARSERS) and len(parsed) >= 11, parsed
+    ((script, quick),) = readme_commands("Quick start")  # its quick-start step runs the README's
+    assert gpu_check.QUICK_START == f"python {script} {shlex.join(quick)}"
 
 
 def test_doc_commands_parse(tmp_path):
