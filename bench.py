@@ -38,17 +38,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from backbones import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, Normalized,
-                       load_backbone, torchvision_classifier)
-from cli import HelpFormatter, Parser, UsageError, add_config_flags
 from deploy import DeployConfig, layout_for
-from patch_ae import (KNN_BLOCK_MB, Category, Encoder, anomaly_maps, build_memory_bank, clock,
-                      compute_metrics, extract_features, fit, flatten_patches, greedy_coreset,
-                      image_scores, knn_scores, load_category, make_config, patch_scores,
-                      pick_device, seed_everything)
-from results import atomic_save
-from synthetic import make_synthetic_category
-from report import fmt
+from patch_ae import (BACKBONES, IMAGENET_MEAN, IMAGENET_STD, KNN_BLOCK_MB, Backbone,
+                      BackboneInput, Category, Encoder, HelpFormatter, Parser, UsageError,
+                      add_config_flags, anomaly_maps, atomic_save, build_memory_bank, clock,
+                      compute_metrics, extract_features, fit, flatten_patches, fmt,
+                      greedy_coreset, image_scores, knn_scores, load_backbone, load_category,
+                      make_config, make_synthetic_category, patch_scores, pick_device,
+                      seed_everything, torchvision_classifier)
 
 MB = 2**20
 # The torch.mm reference writes a (Q, M) output; past this size it runs on the bank's first rows.
@@ -77,7 +74,7 @@ def baseline_backbone(name: str, weights: str) -> Backbone:
     return Backbone(f[:6], f[6:7], f[7:9], IMAGENET_MEAN, IMAGENET_STD)
 
 
-class PatchCoreFeatures(Normalized):
+class PatchCoreFeatures(BackboneInput):
     """(B, 3, H, W) -> (B, target_dim, H/8, W/8): PatchCore's locally aware patch features. Each
     tapped map is aggregated over a 3x3 neighbourhood, brought to the first tap's grid, each
     position's vector reduced to `dim` by adaptive average pooling (the official MeanMapper), then
@@ -88,7 +85,7 @@ class PatchCoreFeatures(Normalized):
         super().__init__()
         b = baseline_backbone(backbone, weights)  # what follows conv4 is left out, as in Patch AE
         self.stem, self.conv3, self.conv4 = b.stem, b.conv3, b.conv4
-        self.use_normalization(b)
+        self.use_input_scaling(b)
         self.dim, self.target_dim, self.patch = dim, target_dim, patch
         self.to(memory_format=torch.channels_last)  # as the Patch AE encoder: alike for timing
 
@@ -246,7 +243,7 @@ def timed_pass(method: dict, images: torch.Tensor, args,
 
 def fit_patch_ae(data: Category, args, device: torch.device, meter: MemoryMeter) -> dict:
     start = meter.start()
-    model = fit(args.patch_ae, data.train, args.seed, device, untrained=False)  # no validation
+    model = fit(args.patch_ae, data.train, args.seed, device, baselines=False)  # no validation
     fit_info = {"fit_s": model["train_seconds"], "bank_s": model["bank_seconds"],
                 "n_train": model["n_train"], "coreset_ratio": args.coreset_ratio,
                 **meter.phase("fit", start)}

@@ -25,10 +25,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import cli  # noqa: E402
 import deploy  # noqa: E402
 import patch_ae as pa  # noqa: E402
-import synthetic  # noqa: E402
 
 ROOT = Path(__file__).parent
 # resnet18 with random weights (no download), 64 px, one epoch: the paper's flags only
@@ -39,7 +37,7 @@ TINY = ["--backbone", "resnet18", "--weights", "none", "--image-size", "64", "--
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    synthetic.make_synthetic_category(root)
+    pa.make_synthetic_category(root)
     return root
 
 
@@ -139,7 +137,7 @@ def parse_command(script: str, argv: list[str]):
     """A patch_ae.py or deploy.py command line -> its checked Config (DeployConfig), as main()
     would make it; raises UsageError (or SystemExit for --help) where main() would stop."""
     config = {"patch_ae.py": pa.Config, "deploy.py": deploy.DeployConfig}[script]
-    values, given = cli.parse_flags(config, argv, "")
+    values, given = pa.parse_flags(config, argv, "")
     cfg = pa.make_config(values, given, config)
     if script == "deploy.py":
         deploy.check_deploy(cfg)

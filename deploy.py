@@ -26,14 +26,11 @@ from PIL import Image
 
 import patch_ae as pa
 import report
-import results
-from backbones import load_backbone
-from cli import Progress, UsageError, check, flag, parse_flags
-from layouts import IMAGE_EXTS, MVTEC2, VISA, Layout
-from patch_ae import (MVTEC, Category, Config, Encoder, clock, compute_metrics, extract_features,
-                      flatten_patches, score_images)
-from report import fmt
-from synthetic import DEFECT_KINDS, draw_defect, make_synthetic_category
+from layouts import MVTEC2, VISA
+from patch_ae import (DEFECT_KINDS, IMAGE_EXTS, MVTEC, Category, Config, Encoder, Layout, Progress,
+                      UsageError, atomic_save, check, clock, compute_metrics, draw_defect,
+                      extract_features, flag, flatten_patches, fmt, load_backbone,
+                      make_synthetic_category, parse_flags, score_images)
 
 LAYOUTS = {layout.name: layout for layout in (MVTEC, VISA, MVTEC2)}  # --dataset
 
@@ -208,7 +205,7 @@ def split_holdout(cfg: DeployConfig, data: Category) -> tuple[torch.Tensor, torc
     """-> (training images, held-out normal images, the protocol in words). The paper trains on
     all of train/good; --holdout (ours) holds a share out; MVTec AD 2 brings its own."""
     kept = "the best validated epoch kept (ours)" if cfg.select == "best" else "the last epoch kept"
-    recipe = results.recipe_words(cfg)
+    recipe = pa.recipe_words(cfg)
     if data.validation is not None:  # MVTec AD 2's validation/good
         return data.train, data.validation, (
             f"all {len(data.train)} train/good images train and fill the bank, as the paper's; "
@@ -216,7 +213,7 @@ def split_holdout(cfg: DeployConfig, data: Category) -> tuple[torch.Tensor, torc
             f"the threshold; {kept}; {recipe}")
     n_hold = int(round(len(data.train) * cfg.holdout))
     if not n_hold:  # the paper's protocol, the same images in the same order as patch_ae.py
-        return data.train, data.train[:0], results.paper_protocol(cfg, len(data.train))
+        return data.train, data.train[:0], pa.paper_protocol(cfg, len(data.train))
     if len(data.train) - n_hold < 1:
         raise UsageError(f"--holdout {cfg.holdout} leaves no training image of "
                          f"{len(data.train)}; lower it")
@@ -246,7 +243,7 @@ def fit_guarded(cfg: DeployConfig, data: Category, seed: int, device: torch.devi
         scores, maps = pa.score_images(model["encoder"], model["bank"], held, cfg.batch_size,
                                        device, cfg.image_score, desc="held-out")
         model["threshold"] = float(np.quantile(scores, THRESHOLD_QUANTILE))
-        model["heat_scale"] = results.heat_scale(maps, "the held-out normal images")
+        model["heat_scale"] = report.heat_scale(maps.numpy(), "the held-out normal images")
         print(f"threshold {model['threshold']:.4f} = {THRESHOLD_QUANTILE:g} quantile of "
               f"{len(held)} held-out scores", flush=True)
         if len(held) < 1 / (1 - THRESHOLD_QUANTILE):
@@ -266,14 +263,14 @@ def is_grey(images: torch.Tensor) -> bool:
 # Model files
 # ----------------------------------------------------------------------------------------------
 MODEL_FORMAT = "patch_ae/2"  # the model file's "format" key: load_model refuses any other
-KEPT = (*results.RUN_FIELDS, "grey")  # what the file keeps beside the networks and the bank
+KEPT = (*pa.RUN_FIELDS, "grey")  # what the file keeps beside the networks and the bank
 
 
 def save_model(path: str, cfg: DeployConfig, model: dict) -> None:
     """One file with the trained encoder and its memory bank (all that scoring needs), the
     threshold and heatmap colours, the decoder (only the report's reconstruction panel uses it),
     the config and the versions."""
-    results.atomic_save({"format": MODEL_FORMAT, "config": vars(cfg).copy(),
+    atomic_save({"format": MODEL_FORMAT, "config": vars(cfg).copy(),
                          "encoder": model["encoder"].state_dict(),
                          "decoder": model["decoder"].state_dict(),
                          "memory_bank": model["bank"].cpu(),
@@ -408,18 +405,18 @@ def predict_folder(cfg: DeployConfig, model: dict, folder: Path, device: torch.d
             heatmap = Path("heatmaps") / names[rel]
             rows.append([str(rel), f"{s:.6f}", "" if thr is None else int(s >= thr), heatmap, ""])
             all_scores.append(float(s))
-            colours = scale or results.own_scale(amap, "this image's own range")
+            colours = scale or report.own_scale(amap.numpy(), "this image's own range")
             caption = report.picture_caption(float(s), thr, str(rel))
-            results.save_heatmap(out / heatmap, results.picture(
+            pa.save_heatmap(out / heatmap, pa.picture(
                 model, image, amap, colours, device, reconstruction=False, caption=caption))
             top = sorted(top + [(float(s), str(rel), image, amap, colours)],
                          key=lambda t: -t[0])[:cfg.report_images]
-    results.atomic_save(results.csv_text(rows), out / "predictions.csv")
+    atomic_save(pa.csv_text(rows), out / "predictions.csv")
     scores = np.array(all_scores)
     flagged = ("no threshold in the model" if thr is None else
                f"{int((scores >= thr).sum())} at or above the threshold {thr:.4f}")
     print(f"predicted {len(scores)} images ({flagged}): {out / 'predictions.csv'}")
-    pictures = [(results.picture(model, image, amap, colours, device), f"{rel}: score {s:.4g}")
+    pictures = [(pa.picture(model, image, amap, colours, device), f"{rel}: score {s:.4g}")
                 for s, rel, image, amap, colours in top]
     section = report.predictions_section(str(folder), scores, thr, flagged, pictures,
                                          {str(k): v for k, v in errors.items()}, scale,
@@ -439,7 +436,7 @@ def output_folder(cfg: DeployConfig) -> Path:
     model scores a folder, the category otherwise."""
     if not cfg.out and cfg.load and cfg.predict:
         cfg.out = f"runs/{Path(cfg.load).stem}__predict__{time.strftime('%Y%m%d-%H%M%S')}"
-    return results.output_folder(cfg)
+    return pa.output_folder(cfg)
 
 
 def run(cfg: DeployConfig, given: set) -> list[dict]:
@@ -450,23 +447,23 @@ def run(cfg: DeployConfig, given: set) -> list[dict]:
         make_synthetic_category(root)
     model = load_model(cfg.load, cfg, given, device) if cfg.load else None
     weights = "from " + cfg.load if cfg.load else cfg.weights
-    results.print_header(cfg, device, weights)
-    runs, sections, unreadable = [], [], None
+    pa.print_header(cfg, device, weights)
+    runs, sections, unreadable, table = [], [], None, None
     if not (cfg.load and cfg.predict):  # a loaded model with --predict only scores the folder
         layout = layout_for(cfg.dataset)
         for category, seed, data in pa.categories_and_seeds(cfg, root, layout):
             model = model if cfg.load else fit_guarded(cfg, data, seed, device)
-            r, section = pa.test_run(cfg, layout.name, category, seed, data, model, device, out)
+            r, section = pa.test_run(cfg, layout, category, seed, data, model, device, out)
             runs.append(r)
             sections.append(section)
             if cfg.save:
                 save_model(cfg.save, cfg, model)
-        sections.insert(0, report.table_section(*results.write_results(runs, layout.name, out)))
+        table = pa.write_results(runs, layout, out)
     if cfg.predict:
         section, unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
         sections.append(section)
     subject = cfg.predict if cfg.load and cfg.predict else cfg.category
-    results.write_report(cfg, out, subject, weights, device, sections)
+    pa.write_report(cfg, out, subject, weights, device, table, sections)
     if unreadable:
         raise UsageError(unreadable)
     return runs

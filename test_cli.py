@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-import cli
+import patch_ae as pa
 
 
 def first_seeds() -> list:
@@ -17,19 +17,19 @@ def first_seeds() -> list:
 
 @dataclass
 class Toy:
-    size: int = cli.flag(3, "a size", "numbers")
-    rate: float = cli.flag(0.5, "a rate (default 0.5, the usual)", "numbers")
-    name: str = cli.flag("a", "a name", "words", choices=("a", "b"))
-    loud: bool = cli.flag(False, "say more", "words")
-    seeds: list = cli.flag(first_seeds, "seeds", "numbers", nargs="+", type=int,
+    size: int = pa.flag(3, "a size", "numbers")
+    rate: float = pa.flag(0.5, "a rate (default 0.5, the usual)", "numbers")
+    name: str = pa.flag("a", "a name", "words", choices=("a", "b"))
+    loud: bool = pa.flag(False, "say more", "words")
+    seeds: list = pa.flag(first_seeds, "seeds", "numbers", nargs="+", type=int,
                            aliases=("--many",))
 
 
 def test_flags_come_typed_from_the_dataclass_and_the_given_ones_are_known():
-    values, given = cli.parse_flags(Toy, ["--size", "4", "--many", "1", "2", "--loud"], "toy")
+    values, given = pa.parse_flags(Toy, ["--size", "4", "--many", "1", "2", "--loud"], "toy")
     assert values == {"size": 4, "rate": 0.5, "name": "a", "loud": True, "seeds": [1, 2]}
     assert given == {"size", "seeds", "loud"}
-    assert cli.parse_flags(Toy, [], "toy") == ({"size": 3, "rate": 0.5, "name": "a",
+    assert pa.parse_flags(Toy, [], "toy") == ({"size": 3, "rate": 0.5, "name": "a",
                                                 "loud": False, "seeds": [0]}, set())
     assert Toy().seeds == [0] and Toy().seeds is not Toy().seeds  # a new list for each Config
 
@@ -41,12 +41,12 @@ def test_flags_come_typed_from_the_dataclass_and_the_given_ones_are_known():
     (["--name", "c"], "invalid choice: 'c'"),
     (["--seeds"], "expected at least one argument")])
 def test_a_bad_command_line_is_a_usage_error(argv, message):
-    with pytest.raises(cli.UsageError, match=re.escape(message)):
-        cli.parse_flags(Toy, argv, "toy")
+    with pytest.raises(pa.UsageError, match=re.escape(message)):
+        pa.parse_flags(Toy, argv, "toy")
 
 
 def test_help_lists_each_flag_in_its_group_with_its_default_once():
-    text = cli.build_parser(Toy, "a toy", "examples:\n  toy --size 4").format_help()
+    text = pa.build_parser(Toy, "a toy", "examples:\n  toy --size 4").format_help()
     numbers, words = text.index("\nnumbers:\n"), text.index("\nwords:\n")
     assert numbers < text.index("--size") < text.index("--rate") < words < text.index("--name")
     assert "a size (default: 3)" in text
@@ -57,9 +57,9 @@ def test_help_lists_each_flag_in_its_group_with_its_default_once():
 
 
 def test_add_config_flags_leaves_out_the_excluded_and_can_put_all_in_one_group():
-    p = cli.Parser(allow_abbrev=False)
+    p = pa.Parser(allow_abbrev=False)
     group = p.add_argument_group("toy's flags")
-    cli.add_config_flags(p, Toy, exclude=("seeds", "loud"), group=group)
+    pa.add_config_flags(p, Toy, exclude=("seeds", "loud"), group=group)
     text = p.format_help()
     assert "--size" in text and "--seeds" not in text and "--loud" not in text
     assert "\nnumbers:\n" not in text and "\ntoy's flags:\n" in text
@@ -67,23 +67,23 @@ def test_add_config_flags_leaves_out_the_excluded_and_can_put_all_in_one_group()
 
 
 def test_check_raises_the_first_failing_message():
-    cli.check([(True, "fine")])
-    with pytest.raises(cli.UsageError, match="^second$"):
-        cli.check([(True, "first"), (False, "second"), (False, "third")])
+    pa.check([(True, "fine")])
+    with pytest.raises(pa.UsageError, match="^second$"):
+        pa.check([(True, "first"), (False, "second"), (False, "third")])
 
 
 def test_progress_prints_done_rate_and_eta_every_few_seconds_and_at_the_end(capsys,
                                                                             monkeypatch):
     now = iter([0.0, 1.0, 2.5, 3.0])
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: next(now))
-    progress = cli.Progress("reading", 3, "img", every=2.0)
+    monkeypatch.setattr(pa.time, "perf_counter", lambda: next(now))
+    progress = pa.Progress("reading", 3, "img", every=2.0)
     for _ in range(3):
         progress.update()
     assert capsys.readouterr().out.splitlines() == [
         "  reading: 2/3 img, 0.8 img/s, ETA 1s",  # at 2.5 s: 2 s since the last line
         "  reading: 3/3 img, 1.0 img/s, ETA 0s"]  # the end
     now = iter([0.0, 1.0])
-    cli.Progress("epoch 1", 1, final=False).update()  # the caller prints its own summary
+    pa.Progress("epoch 1", 1, final=False).update()  # the caller prints its own summary
     now = iter([0.0, 5.0])
-    cli.Progress("", 1, every=0).update()             # no description: silent
+    pa.Progress("", 1, every=0).update()             # no description: silent
     assert capsys.readouterr().out == ""

@@ -18,12 +18,15 @@ import conftest
 import deploy
 import patch_ae as pa
 import report
-import results
-import synthetic
 from conftest import (TINY, ReportParser, help_text, parse_command, readme_commands,
                       spy_on_evaluate, write_nan_tif)
 
 CPU = torch.device("cpu")
+
+
+def metrics(result: dict) -> dict:
+    """A result's three metrics, without the seconds a baseline's record also holds."""
+    return {m: result[m] for m in pa.METRICS}
 
 
 def run_main(args, tmp_path, data_root) -> dict:
@@ -58,7 +61,7 @@ def test_validation_set_has_one_defect_of_each_kind_per_held_out_image_with_its_
     assert val.images.shape == (4 * n, 3, 64, 64) and val.images.dtype == torch.uint8
     assert list(val.labels) == [0] * n + [1] * (3 * n)
     assert torch.equal(val.images[:n], held) and not val.masks[:n].any()
-    for k, kind in enumerate(synthetic.DEFECT_KINDS):
+    for k, kind in enumerate(pa.DEFECT_KINDS):
         for i in range(n):
             img, mask = val.images[n * (k + 1) + i].int(), val.masks[n * (k + 1) + i]
             changed = (img - held[i].int()).abs().amax(0) > 1             # rounding aside
@@ -148,11 +151,11 @@ def test_validation_lines_give_each_score_and_the_kept_epoch_with_why(synthetic_
     model = deploy.fit_guarded(cfg, data, 0, CPU)
     printed = capsys.readouterr().out
     for epoch, s in enumerate(scores):
-        score = report.fmt(s, 2)
+        score = pa.fmt(s, 2)
         assert (f"  validation, epoch {epoch}: score {score} = mean of image AUROC "
-                f"{report.fmt(s)} and pixel AUROC {report.fmt(s)};") in printed
+                f"{pa.fmt(s)} and pixel AUROC {pa.fmt(s)};") in printed
     (line,) = [line for line in printed.splitlines() if line.startswith("top validation score")]
-    found = re.match(rf"top validation score {re.escape(report.fmt(0.805, 2))} at epoch 2; kept "
+    found = re.match(rf"top validation score {re.escape(pa.fmt(0.805, 2))} at epoch 2; kept "
                      rf"epoch {kept} \((.+)\); validation ", line)
     assert found, line
     assert all(words in found.group(1) for words in why), line
@@ -239,26 +242,26 @@ def test_a_run_that_keeps_epoch_0_is_labelled_so_everywhere(synthetic_root, tmp_
     printed = capsys.readouterr().out
     assert trained["selected_epoch"] == 0
     assert [r["epoch"] for r in trained["validation_curve"]] == [0]
-    assert trained["untrained"] == {k: trained[k]
-                                    for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+    assert metrics(trained["untrained"]) == metrics(trained)
     assert "validation, epoch 0: score " in printed
     assert re.search(r"^top validation score \S+ at epoch 0; kept epoch 0 ", printed, re.M)
     # the result line
-    assert "synthetic seed 0, untrained encoder kept (epoch 0): image AUROC" in printed
-    assert "| synthetic | 0: untrained encoder kept |" in printed  # the table
+    assert "synthetic seed 0, encoder before training kept (epoch 0): image AUROC" in printed
+    assert "| synthetic | 0: encoder before training kept |" in printed  # the table
     assert not re.search(r"synthetic seed 0, Patch AE", printed)
     report = (tmp_path / "a" / "out" / "report.html").read_text()
     assert trained["loss_by_epoch"] == [] and "selected: epoch 0" in report
-    assert "untrained encoder kept (epoch 0)" in report
-    assert "The untrained encoder was kept" in report
+    assert "encoder before training kept (epoch 0)" in report
+    assert "The encoder before training was kept" in report
     assert "training loss (Eq. 3), mean per image: nothing to draw in this run" in report
     blob = torch.load(model, weights_only=True)
     assert blob["selected_epoch"] == 0 and blob["validation_curve"] == trained["validation_curve"]
     loaded = run_main(["--load", str(model)], tmp_path / "b", synthetic_root)
     assert loaded["selected_epoch"] == 0
     assert loaded["validation_curve"] == trained["validation_curve"]
-    assert loaded["untrained"] is None  # a loaded model has no untrained encoder to score
-    assert "untrained encoder kept (epoch 0): image AUROC" in capsys.readouterr().out
+    # a loaded model has no baseline to score
+    assert loaded["untrained"] is None and loaded["raw_features"] is None
+    assert "encoder before training kept (epoch 0): image AUROC" in capsys.readouterr().out
 
 
 def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, tmp_path):
@@ -279,15 +282,19 @@ def test_select_best_without_held_out_images_is_refused(capsys, synthetic_root, 
     # patch_ae.py's run: the same protocol, images and order, so the same numbers
     paper = pa.main(argv + ["--out", str(tmp_path / "paper")])[0]
     assert paper["protocol"] == result["protocol"]
-    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "loss_by_epoch", "untrained"):
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupro", "loss_by_epoch"):
         assert paper[key] == result[key], key
+    for key in ("untrained", "raw_features"):
+        assert metrics(paper[key]) == metrics(result[key]), key
 
 
 def test_same_seed_gives_the_same_scores_on_cpu(synthetic_root, tmp_path):
     a = run_main(TINY + ["--seed", "3"], tmp_path / "a", synthetic_root)
     b = run_main(TINY + ["--seed", "3"], tmp_path / "b", synthetic_root)
-    keys = ("image_auroc", "pixel_auroc", "pixel_aupro", "threshold", "untrained")
+    keys = ("image_auroc", "pixel_auroc", "pixel_aupro", "threshold")
     assert [a[k] for k in keys] == [b[k] for k in keys]
+    for key in ("untrained", "raw_features"):
+        assert metrics(a[key]) == metrics(b[key]), key
     c = run_main(TINY + ["--seed", "4"], tmp_path / "c", synthetic_root)
     assert c["threshold"] != a["threshold"]
 
@@ -519,7 +526,7 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
     model, _ = tiny_model
     folder = image_folder(tmp_path / "in", 7)
     counts = {"read": 0, "written": 0, "largest score_images call": 0}
-    read, write, score = pa.read_image, results.save_heatmap, pa.score_images
+    read, write, score = pa.read_image, pa.save_heatmap, pa.score_images
 
     def counting_read(*a, **k):
         counts["read"] += 1
@@ -534,7 +541,7 @@ def test_predict_reads_scores_and_writes_one_batch_at_a_time(tiny_model, tmp_pat
         counts["largest score_images call"] = max(counts["largest score_images call"], len(images))
         return score(encoder, bank, images, *a, **k)
     monkeypatch.setattr(pa, "read_image", counting_read)
-    monkeypatch.setattr(results, "save_heatmap", counting_write)
+    monkeypatch.setattr(pa, "save_heatmap", counting_write)
     monkeypatch.setattr(pa, "score_images", counting_score)
     deploy.main(["--load", str(model), "--predict", str(folder), "--out", str(tmp_path / "out"),
                  "--batch-size", "2"])

