@@ -1,12 +1,16 @@
-"""tools/recipe_study.py: the training recipe on pretrained features, over categories and seeds.
+"""tools/recipe_study.py: the training recipe on pretrained features, over categories, splits and
+seeds, paired against the baselines that every run scores.
 
-Runs patch_ae.py once per (variant, category, seed) and bench.py's PatchCore once per (category,
-seed), each as its own process, `--jobs` at a time with one thread each, and keeps every
-results.json under --out. Then, or with --table alone, prints one markdown table per metric:
-mean +- std over the seeds of every variant, the untrained encoder, PatchCore and the decoder's
-PSNR on normal test images. docs/training.md gives the commands and the tables.
-    python tools/recipe_study.py --data-root /tmp/tex --categories brick grass gravel \
-        --synthetic --out runs/study
+Runs patch_ae.py once per (variant, category, split, seed) and bench.py's PatchCore on the same
+backbone once per (category, split, seed), each as its own process, `--jobs` at a time with one
+thread each, and keeps every results.json under --out. A split is one --data-root: the same
+categories drawn into another train/test split (make_elpv.py --split N). Then, or with --table
+alone, prints per category and metric: each variant's mean +- std over its runs, the raw
+features' and PatchCore's, and each variant's paired differences (same split, same seed) to the
+raw features, to its own encoder before training and to the reference variant, as mean +- std
+and how many runs went up / down. docs/training.md gives the commands and the tables.
+    python tools/recipe_study.py --data-root /tmp/elpv0 /tmp/elpv1 \
+        --categories elpv_mono elpv_poly --size 224 --out runs/study
 """
 from __future__ import annotations
 
@@ -19,19 +23,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# name -> flags beyond the common ones; "paper" is the default recipe (--lr 1e-3 since the study
-# of 2026-12-03) and "lr-1e-4" the recipe it was chosen against. patch_ae.py runs each, but those
-# that hold images out (deploy.py's flags) run with deploy.py.
+# name -> its flags, every recipe setting written out, so that a record keeps its meaning when a
+# default changes. "random-1e-3" was the default recipe until the real-image study; "random-1e-4"
+# the one before it.
 VARIANTS = {
-    "paper": [],
-    "holdout-best": ["--holdout", "0.1", "--select", "best"],
-    "backbone-lr-0": ["--backbone-lr", "0"],
-    "backbone-lr-1": ["--backbone-lr", "1"],
-    "lr-1e-4": ["--lr", "1e-4"],
-    "alpha-1": ["--alpha", "1"],
-    "epochs-20": ["--epochs", "20"],
-    "feat-dim-100": ["--feat-dim", "100"],
+    "random-1e-3": ["--fusion-init", "random", "--lr", "1e-3", "--backbone-lr", "0.1"],
+    "random-1e-4": ["--fusion-init", "random", "--lr", "1e-4", "--backbone-lr", "0.1"],
+    "random-1e-3-frozen": ["--fusion-init", "random", "--lr", "1e-3", "--backbone-lr", "0"],
+    "pca-1e-3": ["--fusion-init", "pca", "--lr", "1e-3", "--backbone-lr", "0.1"],
+    "pca-3e-4": ["--fusion-init", "pca", "--lr", "3e-4", "--backbone-lr", "0.1"],
+    "pca-1e-4": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0.1"],
+    "pca-1e-3-frozen": ["--fusion-init", "pca", "--lr", "1e-3", "--backbone-lr", "0"],
+    "pca-1e-4-frozen": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0"],
+    "pca-1e-4-20ep": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0.1",
+                      "--epochs", "20"],
 }
+METRICS = ("image_auroc", "pixel_auroc")
 
 
 def common(args) -> list[str]:
@@ -39,26 +46,33 @@ def common(args) -> list[str]:
             str(args.size), "--crop-size", str(args.size)]
 
 
+def places(args) -> list[tuple[str, str, list[str]]]:
+    """(category, split, data flags) for every category in every split (--data-root), and the
+    synthetic category (its own split 0)."""
+    out = [(c, str(k), ["--data-root", root, "--category", c])
+           for k, root in enumerate(args.data_root) for c in args.categories]
+    if args.synthetic:
+        out.append(("synthetic", "0", ["--synthetic", "--data-root", f"{args.out}/synthetic"]))
+    return out
+
+
 def jobs(args) -> list[tuple[Path, list[str]]]:
     """(result file, command) for every run not yet done."""
-    places = [(c, ["--data-root", args.data_root, "--category", c]) for c in args.categories]
-    if args.synthetic:
-        places.append(("synthetic", ["--synthetic", "--data-root", f"{args.out}/synthetic_data"]))
-    todo = []
-    for seed in args.seeds:
-        for category, where in places:
-            for name in args.variants:
-                out = Path(args.out) / name / f"{category}__{seed}"
-                script = "deploy.py" if "--holdout" in VARIANTS[name] else "patch_ae.py"
-                cmd = [sys.executable, str(ROOT / script), *where, *common(args),
-                       "--seed", str(seed), "--out", str(out), "--overwrite",
-                       "--report-images", "0", *VARIANTS[name]]
-                todo.append((out / "results.json", cmd))
-            result = Path(args.out) / "patchcore" / f"{category}__{seed}.json"
-            cmd = [sys.executable, str(ROOT / "bench.py"), *where, *common(args), "--seed",
-                   str(seed), "--baseline-backbone", args.backbone, "--epochs", "0",
-                   "--repeats", "1", "--warmup", "0", "--json", str(result)]
-            todo.append((result, cmd))
+    todo, runs = [], [(f"{category}__{split}__{seed}", seed, where) for seed in args.seeds
+                      for category, split, where in places(args)]
+    for run, seed, where in runs if args.patchcore else []:  # first: they are short
+        result = Path(args.out) / "patchcore" / f"{run}.json"
+        cmd = [sys.executable, str(ROOT / "bench.py"), *where, *common(args), "--seed",
+               str(seed), "--baseline-backbone", args.backbone, "--epochs", "0",
+               "--repeats", "1", "--warmup", "0", "--json", str(result)]
+        todo.append((result, cmd))
+    for name in args.variants:  # each variant whole before the next, in the order given
+        for run, seed, where in runs:
+            out = Path(args.out) / name / run
+            cmd = [sys.executable, str(ROOT / "patch_ae.py"), *where, *common(args),
+                   "--seed", str(seed), "--out", str(out), "--overwrite",
+                   "--report-images", "0", *VARIANTS[name]]
+            todo.append((out / "results.json", cmd))
     return [(path, cmd) for path, cmd in todo if not path.exists()]
 
 
@@ -78,60 +92,89 @@ def run_all(args) -> None:
         print(f"{'ok' if rc == 0 else f'FAILED ({rc})'}: {path}", flush=True)
 
 
-def mean_std(values: list, seeds: int) -> str:
-    """mean +- std; fewer runs than seeds say how many they are."""
-    values = [v for v in values if v is not None]
+def load(args) -> dict:
+    """{(row, category): {(split, seed): {metric: value}}} for every variant, its two baselines
+    (the raw features once, from any variant's run) and PatchCore."""
+    cells = {}
+
+    def put(row, category, split, seed, values):
+        cells.setdefault((row, category), {})[(split, seed)] = values
+    for name in args.variants:
+        for path in sorted((Path(args.out) / name).glob("*/results.json")):
+            category, split, seed = path.parent.name.split("__")
+            r = json.loads(path.read_text())
+            put(name, category, split, seed, r)
+            put(f"{name}: before training", category, split, seed, r["untrained"])
+            put("raw features", category, split, seed, r["raw_features"])
+    for path in sorted((Path(args.out) / "patchcore").glob("*.json")):
+        category, split, seed = path.stem.split("__")
+        put("PatchCore, same backbone", category, split, seed,
+            json.loads(path.read_text())["methods"][1])
+    return cells
+
+
+def spread(values: list) -> str:
+    """mean +- std (n) of the values that exist, in points."""
+    values = [100 * v for v in values if v is not None]
     if not values:
         return "n/a"
-    text = f"{values[0]:.1f}" if len(values) == 1 else (
-        f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}")
-    return text if len(values) == seeds else f"{text} ({len(values)} run{'s' * (len(values) > 1)})"
+    if len(values) == 1:
+        return f"{values[0]:.1f} (1)"
+    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f} ({len(values)})"
+
+
+def paired(a: dict, b: dict, metric: str) -> str:
+    """a - b over the (split, seed) pairs both have: mean +- std, and the count up / down."""
+    diffs = [100 * (a[k][metric] - b[k][metric]) for k in a.keys() & b.keys()
+             if a[k].get(metric) is not None and b[k].get(metric) is not None]
+    if not diffs:
+        return "n/a"
+    std = f" +- {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    return f"{statistics.mean(diffs):+.1f}{std} ({up} up, {down} down)"
 
 
 def table(args) -> str:
-    """Markdown: one row per method, one column per category, each cell mean +- std (seeds)."""
-    categories = [*args.categories, *(["synthetic"] if args.synthetic else [])]
-    lines = []
-    for metric, scale in (("image_auroc", 100), ("pixel_auroc", 100),
-                          ("reconstruction_psnr", 1)):
-        rows = {}
-        for name in args.variants:
-            runs = {c: [json.loads(p.read_text()) for p in
-                        sorted((Path(args.out) / name).glob(f"{c}__*/results.json"))]
-                    for c in categories}
-            rows[name] = {c: [r.get(metric) for r in rs] for c, rs in runs.items()}
-            if name == "paper" and metric != "reconstruction_psnr":
-                rows["untrained encoder"] = {c: [r["untrained"][metric] for r in rs]
-                                             for c, rs in runs.items()}
-        if metric != "reconstruction_psnr":
-            rows["PatchCore, same backbone"] = {
-                c: [json.loads(p.read_text())["methods"][1][metric] for p in
-                    sorted((Path(args.out) / "patchcore").glob(f"{c}__*.json"))]
-                for c in categories}
-        lines += [f"\n{metric} ({'points' if scale == 100 else 'dB'}), mean +- std over seeds "
-                  f"{' '.join(map(str, args.seeds))}\n",
-                  "| recipe | " + " | ".join(categories) + " | mean |",
-                  "|---" * (len(categories) + 2) + "|"]
-        for name, cells in rows.items():
-            scaled = {c: [v * scale for v in vs if v is not None] for c, vs in cells.items()}
-            # the mean over categories, seed by seed: only where every category has that seed
-            per_seed = [statistics.mean(vs) for vs in zip(*scaled.values())] if all(
-                scaled.values()) else []
-            n = len(args.seeds)
-            lines.append(f"| {name} | " + " | ".join(mean_std(scaled[c], n) for c in categories)
-                         + f" | {mean_std(per_seed, n)} |")
+    """Markdown: per metric and category, one row per variant and baseline: the runs' mean +- std,
+    and each variant's paired difference to the raw features, to its encoder before training and
+    to the reference variant."""
+    cells, lines = load(args), []
+    categories = list(dict.fromkeys(c for _, c in cells))
+    for metric in METRICS:
+        for category in categories:
+            raw, ref = cells.get(("raw features", category)), cells.get((args.reference, category))
+            rows = [row for row, c in cells if c == category]
+            if not any(v.get(metric) is not None for row in rows
+                       for v in cells[(row, category)].values()):
+                continue
+            lines += [f"\n{category}, {metric} (points; runs: splits x seeds)\n",
+                      f"| run | mean +- std (n) | vs raw features | vs its encoder before "
+                      f"training | vs {args.reference} |", "|---|---|---|---|---|"]
+            for row in rows:
+                runs = cells[(row, category)]
+                mean = spread([v.get(metric) for v in runs.values()])
+                if row in args.variants:
+                    before = cells[(f"{row}: before training", category)]
+                    to_ref = paired(runs, ref, metric) if ref and row != args.reference else ""
+                    lines.append(f"| {row} | {mean} | {paired(runs, raw, metric)} | "
+                                 f"{paired(runs, before, metric)} | {to_ref} |")
+                else:
+                    lines.append(f"| {row} | {mean} | | | |")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default="")
+    p.add_argument("--data-root", nargs="*", default=[], help="one folder per split")
     p.add_argument("--categories", nargs="*", default=[])
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--size", type=int, default=128, help="image and crop size, every row")
+    p.add_argument("--size", type=int, default=224, help="image and crop size, every row")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--reference", default="random-1e-3", choices=list(VARIANTS),
+                   help="the variant every other is paired against")
+    p.add_argument("--no-patchcore", dest="patchcore", action="store_false")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="runs/study")
     p.add_argument("--table", action="store_true", help="only print the tables")
