@@ -190,7 +190,8 @@ class Guard:
         seconds = sum(row["seconds"] for row in self.curve)
         share = fmt(seconds / max(time.perf_counter() - self.start - seconds, 1e-9), 0)
         why = ("the last epoch, --select last" if self.cfg.select == "last" else
-               f"--select best: the first score that no later one beat by {VAL_TOLERANCE:g}")
+               f"--select best: the first score that no later one beat by more than "
+               f"{fmt(VAL_TOLERANCE, 2)} points")
         print(f"top validation score {fmt(top['score'], 2)} at epoch {top['epoch']}; kept epoch "
               f"{kept} ({why}); validation {seconds:.1f}s = {share}% of the training time",
               flush=True)
@@ -263,6 +264,9 @@ def is_grey(images: torch.Tensor) -> bool:
 # Model files
 # ----------------------------------------------------------------------------------------------
 MODEL_FORMAT = "patch_ae/2"  # the model file's "format" key: load_model refuses any other
+# The flags that only training reads: with --load, the model file's values stand
+TRAINING_ONLY = ("weights", "fusion_init", "alpha", "coreset_ratio", "epochs", "lr",
+                 "backbone_lr", "seed", "holdout", "select")
 KEPT = (*pa.RUN_FIELDS, "grey")  # what the file keeps beside the networks and the bank
 
 
@@ -271,12 +275,12 @@ def save_model(path: str, cfg: DeployConfig, model: dict) -> None:
     threshold and heatmap colours, the decoder (only the report's reconstruction panel uses it),
     the config and the versions."""
     atomic_save({"format": MODEL_FORMAT, "config": vars(cfg).copy(),
-                         "encoder": model["encoder"].state_dict(),
-                         "decoder": model["decoder"].state_dict(),
-                         "memory_bank": model["bank"].cpu(),
-                         **{key: model.get(key) for key in KEPT},
-                         "versions": {"torch": str(torch.__version__),
-                                      "torchvision": torchvision.__version__}}, Path(path))
+                 "encoder": model["encoder"].state_dict(),
+                 "decoder": model["decoder"].state_dict(),
+                 "memory_bank": model["bank"].cpu(),
+                 **{key: model.get(key) for key in KEPT},
+                 "versions": {"torch": str(torch.__version__),
+                              "torchvision": torchvision.__version__}}, Path(path))
     print(f"saved model to {path}")
     if model.get("threshold") is None:
         print("note: the model has no threshold (no held-out images), so --predict will leave "
@@ -295,12 +299,21 @@ def load_model(path: str, cfg: Config, given: set, device: torch.device) -> dict
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:
         raise UsageError(f"--load {path}: not a {MODEL_FORMAT} model file of deploy.py; make "
                          f"one with --save")
+    made = blob["config"]
     for key in ("backbone", "feat_dim", "image_size", "crop_size"):  # what a model file fixes
-        if key in given and getattr(cfg, key) != blob["config"][key]:
+        if key in given and getattr(cfg, key) != made[key]:
             raise UsageError(f"--load {path}: the model was made with --{key.replace('_', '-')} "
-                             f"{blob['config'][key]}, not {getattr(cfg, key)}; drop the flag or "
-                             f"retrain")
-        setattr(cfg, key, blob["config"][key])
+                             f"{made[key]}, not {getattr(cfg, key)}; drop the flag or retrain")
+        setattr(cfg, key, made[key])
+    pa.check_config(cfg)  # the sizes, now the model's
+    ignored = [f"--{key.replace('_', '-')}" for key in TRAINING_ONLY
+               if key in given and getattr(cfg, key) != made.get(key)]
+    if ignored:
+        print(f"note: --load {path}: the model was trained already, so {', '.join(ignored)} "
+              f"{'is' if len(ignored) == 1 else 'are'} ignored; its own settings stay",
+              flush=True)
+    for key in TRAINING_ONLY:
+        setattr(cfg, key, made.get(key, getattr(cfg, key)))
     made_with = blob["config"]["image_score"]
     if "image_score" in given and cfg.image_score != made_with and blob.get("threshold"):
         raise UsageError(f"--load {path}: its threshold was fitted on --image-score {made_with} "
@@ -433,9 +446,15 @@ def predict_folder(cfg: DeployConfig, model: dict, folder: Path, device: torch.d
 # ----------------------------------------------------------------------------------------------
 def output_folder(cfg: DeployConfig) -> Path:
     """--out, else runs/<what was scored>__<seed>__<time>: the model file's name when a loaded
-    model scores a folder, the category otherwise."""
+    model scores a folder, the category otherwise. --save's file is checked with it, before any
+    image is read: a model file there is kept unless --overwrite."""
     if not cfg.out and cfg.load and cfg.predict:
         cfg.out = f"runs/{Path(cfg.load).stem}__predict__{time.strftime('%Y%m%d-%H%M%S')}"
+    if cfg.save:
+        pa.check_writable(Path(cfg.save), "--save")
+        if Path(cfg.save).exists() and not cfg.overwrite:
+            raise UsageError(f"--save {cfg.save}: a file is there already; pick another name or "
+                             f"pass --overwrite")
     return pa.output_folder(cfg)
 
 
@@ -456,9 +475,9 @@ def run(cfg: DeployConfig, given: set) -> list[dict]:
             r, section = pa.test_run(cfg, layout, category, seed, data, model, device, out)
             runs.append(r)
             sections.append(section)
-            if cfg.save:
-                save_model(cfg.save, cfg, model)
         table = pa.write_results(runs, layout, out)
+        if cfg.save:  # after results.json: a failure here loses no result
+            save_model(cfg.save, cfg, model)
     if cfg.predict:
         section, unreadable = predict_folder(cfg, model, Path(cfg.predict), device, out)
         sections.append(section)
@@ -472,7 +491,8 @@ def run(cfg: DeployConfig, given: set) -> list[dict]:
 def main(argv=None) -> list[dict]:
     try:
         values, given = parse_flags(DeployConfig, argv, __doc__.split("\n")[0], EXAMPLES)
-        cfg = pa.make_config(values, given, DeployConfig)
+        # with --load the model file sets the sizes: checked once it is read (load_model)
+        cfg = pa.make_config(values, given, DeployConfig, sizes=not values["load"])
         check_deploy(cfg)
         return run(cfg, given)
     except UsageError as e:

@@ -149,7 +149,8 @@ class Config:
                       nargs="+", type=int, aliases=("--seeds",))
     device: str = flag("auto", "auto = cuda when present", OUTPUT, choices=("auto", "cpu", "cuda"))
     out: str = flag("", "output folder (default: runs/<category>__<seed>__<time>)", OUTPUT)
-    overwrite: bool = flag(False, "allow writing into an --out folder that has results", OUTPUT)
+    overwrite: bool = flag(False, "write over the results in --out (and over a model file, "
+                           "in deploy.py)", OUTPUT)
     save_maps: int = flag(0, "write pictures of this many test images", OUTPUT)
     report_images: int = flag(12, "pictures in each gallery of report.html; 0 = no report", OUTPUT)
 
@@ -593,8 +594,14 @@ KNN_BLOCK_MB = {"cpu": 8, "cuda": 256}
 KNN_QUERIES = 1024  # queries per block: near-square blocks keep torch.cdist at 0.7 of a GEMM
 # cdist's matrix-product path computes ||q||^2 + ||b||^2 - 2 q.b, which loses digits when the
 # distance is far below ||q||: near-ties can swap. So each block keeps this many candidates beyond
-# k by that fast distance, and the nearest k are chosen among them by the exact one.
+# k by that fast distance, and the nearest k are chosen among them by the exact one; a query
+# whose candidates the fast distance's error bound cannot separate from the rest is searched
+# again, exactly, over the whole bank (knn_scores).
 KNN_CANDIDATES = 4  # contrived near-ties: 99 of 200 wrong picks without, 0 with (method.md)
+# Unit roundoff of a float32 matrix product at each torch.get_float32_matmul_precision() (TF32's
+# or bfloat16's where torch may use them): the fast distance's error bound scales with it
+MATMUL_ROUNDOFF = {"highest": 2.0**-24, "high": 2.0**-11, "medium": 2.0**-8}
+EXACT_CDIST = "donot_use_mm_for_euclid_dist"  # cdist's differences path: sqrt(sum (q - b)^2)
 
 
 def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
@@ -603,14 +610,23 @@ def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     nearest first (k is at most M). Brute force, as its meaning: torch.cdist(queries,
     bank).topk(k, largest=False), computed in blocks of KNN_QUERIES queries x as many bank rows
     as fit `block_mb` (0: KNN_BLOCK_MB), each block's nearest merged with the best so far, so
-    memory stays flat; the final choice and its distances are exact (KNN_CANDIDATES)."""
+    memory stays flat. Exact: the k are chosen among KNN_CANDIDATES more by ||q - b|| itself, and
+    where the fast distance's error bound cannot rule out a row beyond the candidates, that
+    query is searched again over the whole bank by ||q - b||."""
     if not len(queries) or not len(bank):
         raise ValueError(f"knn_scores: {len(queries)} queries against a bank of {len(bank)} "
                          f"rows; both need at least one")
     queries, bank = queries.float(), bank.to(queries.device, torch.float32)
+    # distances do not change when both sides move by the bank's mean, and the fast distance's
+    # error shrinks with ||q||^2 + ||b||^2: ReLU features, all positive, sit far from 0
+    centre = bank.mean(0)
+    queries, bank = queries - centre, bank - centre
     block_mb = block_mb or KNN_BLOCK_MB.get(queries.device.type, 8)
     k = min(k, len(bank))
     c = min(k + KNN_CANDIDATES, len(bank))                              # candidates kept
+    # |fast d^2 - d^2| <= err: the float32 sums of D products in ||q||^2, ||b||^2 and q.b
+    roundoff = MATMUL_ROUNDOFF.get(torch.get_float32_matmul_precision(), 2.0**-8)
+    bank_sq = bank.square().sum(1).max()
     dists, idxs = [], []
     for q in queries.split(KNN_QUERIES):
         rows = max(c, block_mb * 2**20 // (4 * len(q)))                 # bank rows per block
@@ -624,8 +640,16 @@ def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
             best_i = torch.cat([best_i, i + start], 1).gather(1, j)
         exact = (q[:, None, :] - bank[best_i]).norm(dim=-1)             # (q, c), exact
         exact, j = exact.topk(k, dim=1, largest=False)
+        idx = best_i.gather(1, j)
+        if c < len(bank):  # a row beyond the candidates is at least this far, by the bound
+            err = 4 * (q.shape[1] + 2) * roundoff * (q.square().sum(1) + bank_sq)  # (q,)
+            unsure = (best_d[:, -1].square() - err < exact[:, -1].square()).nonzero()[:, 0]
+            for n in unsure.tolist():  # rare: searched again, by ||q - b|| itself
+                d = torch.cat([torch.cdist(q[n:n + 1], b, compute_mode=EXACT_CDIST)
+                               for b in bank.split(rows)], 1)
+                exact[n], idx[n] = d[0].topk(k, largest=False)
         dists.append(exact)
-        idxs.append(best_i.gather(1, j))
+        idxs.append(idx)
     return torch.cat(dists), torch.cat(idxs)
 
 
@@ -879,8 +903,9 @@ EXAMPLES = """examples:
   your own images, other dataset layouts, a threshold, model files: deploy.py --help"""
 
 
-def check_config(cfg: Config) -> None:
-    """Raises UsageError, naming the flag, for a value that makes no sense."""
+def check_config(cfg: Config, sizes: bool = True) -> None:
+    """Raises UsageError, naming the flag, for a value that makes no sense; the two sizes against
+    each other unless `sizes` is False (deploy.py --load: the model file sets them)."""
     check([(cfg.epochs >= 0, "--epochs must be >= 0"),
            (cfg.batch_size >= 1, "--batch-size must be >= 1"),
            (cfg.lr > 0, "--lr must be > 0"),
@@ -889,18 +914,19 @@ def check_config(cfg: Config) -> None:
            (0 < cfg.coreset_ratio <= 1, "--coreset-ratio must be in (0, 1]"),
            (cfg.crop_size >= 32 and cfg.crop_size % 8 == 0,
             "--crop-size must be a multiple of 8, at least 32"),
-           (cfg.image_size >= cfg.crop_size, "--image-size must be >= --crop-size"),
+           (cfg.image_size >= cfg.crop_size or not sizes, "--image-size must be >= --crop-size"),
            (cfg.feat_dim >= 0, "--feat-dim must be >= 0 (0 = automatic)"),
            (cfg.save_maps >= 0, "--save-maps must be >= 0"),
            (cfg.report_images >= 0, "--report-images must be >= 0")])
 
 
-def make_config(values: dict, given: set, config: type = Config):
+def make_config(values: dict, given: set, config: type = Config, sizes: bool = True):
     """Parsed flag values (other keys ignored, missing fields at their defaults) -> the checked
-    `config`, --synthetic resolved. `given`: the flags on the command line."""
+    `config` (sizes: as check_config), --synthetic resolved. `given`: the flags on the command
+    line."""
     fields = dataclasses.fields(config)
     cfg = config(**{f.name: values[f.name] for f in fields if f.name in values})
-    check_config(cfg)
+    check_config(cfg, sizes)
     if cfg.synthetic:
         if "category" in given:
             raise UsageError("--synthetic makes its own category; drop --category")
@@ -1266,9 +1292,11 @@ def load_backbone(name: str, weights: str) -> Backbone:
 # report.html through report.py
 # ----------------------------------------------------------------------------------------------
 def output_folder(cfg) -> Path:
-    """--out, else runs/<category>__<seed>__<time>; one that holds results is refused unless
-    --overwrite, so nothing written before is lost."""
+    """--out, else runs/<category>__<seed>__<time>, checked before any image is read: one that
+    holds results is refused unless --overwrite, so nothing written before is lost, and so is
+    one that cannot be a folder."""
     out = Path(cfg.out or f"runs/{cfg.category}__{cfg.seed[0]}__{time.strftime('%Y%m%d-%H%M%S')}")
+    check_writable(out, "--out", folder=True)
     results = ("results.json", "results.csv", "predictions.csv")
     if not cfg.overwrite and any((out / n).exists() for n in results):
         raise UsageError(f"--out {out}: already holds results; pick another --out or pass "
@@ -1276,17 +1304,37 @@ def output_folder(cfg) -> Path:
     return out
 
 
+def check_writable(path: Path, flag: str, folder: bool = False) -> None:
+    """A path a run will write, checked before it reads data or trains: a folder where a file
+    goes (or a file where a folder goes), a file on the way to it, or a place this process may
+    not write end the run in one line naming `flag`, before any work is lost."""
+    if path.exists() and path.is_dir() != folder:
+        raise UsageError(f"{flag} {path}: is {'a file' if folder else 'a folder'}; pass "
+                         f"{'a folder' if folder else 'a file name'} there")
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest part that exists
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: {parent} is a file, so nothing can be written below "
+                         f"it; pick another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {parent} is not writable here; pick another {flag}")
+
+
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old.
-    Text is written as UTF-8 whatever the locale: file and category names may be in any
-    language, and report.html declares that charset."""
+    """Write to a temporary file beside `path`, then rename: an interrupted run leaves the old,
+    and a failed write leaves no temporary file. Text is written as UTF-8 whatever the locale:
+    file and category names may be in any language, and report.html declares that charset."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(obj, str):
-        tmp.write_text(obj, encoding="utf-8")
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        if isinstance(obj, str):
+            tmp.write_text(obj, encoding="utf-8")
+        else:
+            torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def csv_text(rows: list[list]) -> str:

@@ -338,6 +338,49 @@ def test_encoder_fuse_layers_map_each_position_on_its_own():
     assert diff[2, 3] > 0 and int((diff > 0).sum()) == 1  # 1x1 convs: no neighbour sees the change
 
 
+def test_conv4_is_brought_to_conv3s_grid_bilinearly_and_concatenated():
+    """Sec. 2.3: conv4's output, upsampled to conv3's size, is concatenated after conv3's: by
+    bilinear interpolation (half-pixel centres), which nearest-neighbour upsampling is not. The
+    raw features are exactly that concatenation, and the encoder's R is the fusion of it."""
+    torch.manual_seed(0)
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none")).eval()
+    x = encoder.scale_input(torch.rand(2, 3, 64, 64))
+    with torch.no_grad():
+        x3 = encoder.conv3(encoder.stem(x))                                   # (2, 128, 8, 8)
+        x4 = encoder.conv4(x3)                                                # (2, 256, 4, 4)
+        features = encoder.features(x)
+        raw = pa.RawFeatures(encoder)(x)
+        r = encoder(x)
+    bilinear = F.interpolate(x4, size=(8, 8), mode="bilinear", align_corners=False)
+    nearest = F.interpolate(x4, size=(8, 8), mode="nearest")
+    assert features.shape == (2, 128 + 256, 8, 8)
+    torch.testing.assert_close(features, torch.cat([x3, bilinear], 1))
+    assert (features[:, 128:] - nearest).abs().max() > 0.1   # not nearest-neighbour
+    torch.testing.assert_close(raw, features)
+    torch.testing.assert_close(r, encoder.fuse(features))
+
+
+def test_fusion_from_features_starts_r_as_the_raw_features_principal_components():
+    """--fusion-init pca: before any step, R is the raw features projected on their c3 principal
+    components, shifted: distances between training patches in R equal those in that subspace
+    (the kNN sees them), and the ReLUs clip none of the training patches."""
+    torch.manual_seed(0)
+    encoder = pa.Encoder(pa.load_backbone("resnet18", "none"), feat_dim=16).eval()
+    images = encoder.scale_input(torch.rand(6, 3, 64, 64))
+    with torch.no_grad():
+        rows = pa.flatten_patches(encoder.features(images))                  # (384, 384)
+        pa.fusion_from_features(encoder.fuse, rows)
+        r = pa.flatten_patches(encoder(images))                               # (384, 16)
+        first = encoder.fuse[0](encoder.features(images))
+    assert (first > 0).all()                                                  # nothing clipped
+    centred = (rows - rows.mean(0)).double()
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[:16].T           # (384, 16)
+    expected = torch.cdist(centred @ top, centred @ top)
+    exact = "donot_use_mm_for_euclid_dist"
+    torch.testing.assert_close(torch.cdist(r, r, compute_mode=exact).double(), expected,
+                               rtol=1e-3, atol=1e-3)
+
+
 # ---------------------------------------------------------------- decoder, loss
 def test_decoder_patch_depends_only_on_its_own_feature_vector():
     torch.manual_seed(0)
@@ -570,19 +613,23 @@ def test_chunked_knn_equals_brute_force(block_mb, k):
 
 
 def test_knn_picks_the_exactly_nearest_row_among_near_ties():
-    """Two bank rows 0.0100 and 0.0105 from a query of norm 65 (D = 512): cdist's matrix-product
-    path cannot tell them apart (it chose the farther one in about half of such draws); the
-    scorer must return the nearer row and its exact distance."""
+    """Fifty bank rows 0.0100 to 0.0105 from a query of norm 65 (D = 512), among 2,000 others:
+    cdist's matrix-product path cannot order them, and with only KNN_CANDIDATES more rows the
+    nearest was often not among them. The scorer must return the nearest row (by a float64
+    brute force) and its exact distance, in every draw, for k = 1 and 3."""
     torch.manual_seed(0)
-    for _ in range(20):
+    for draw in range(20):
         q = torch.randn(1, 512)
         q = q / q.norm() * 65
-        u, v = (w / w.norm() for w in torch.randn(2, 512))
-        bank = torch.cat([torch.randn(2000, 512) * 3, q + 0.0105 * u, q + 0.0100 * v])
-        order = torch.randperm(len(bank))
-        d, idx = pa.knn_scores(q, bank[order])
-        assert order[idx[0, 0]] == len(bank) - 1
-        assert d[0, 0].item() == pytest.approx(0.0100, rel=1e-3)
+        directions = torch.nn.functional.normalize(torch.randn(50, 512), dim=1)
+        radii = 0.0100 + 0.0005 * torch.rand(50)
+        bank = torch.cat([torch.randn(2000, 512) * 3, q + radii[:, None] * directions])
+        truth = (bank.double() - q.double()).norm(dim=1)                   # (2050,)
+        for k in (1, 3):
+            d, idx = pa.knn_scores(q, bank, k=k)
+            assert idx[0].tolist() == truth.topk(k, largest=False).indices.tolist(), draw
+            np.testing.assert_allclose(d[0].double().numpy(),
+                                       truth.topk(k, largest=False).values.numpy(), rtol=1e-4)
 
 
 def test_knn_takes_k_up_to_the_bank_size_and_refuses_empty_inputs():
