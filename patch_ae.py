@@ -610,9 +610,10 @@ def knn_scores(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     nearest first (k is at most M). Brute force, as its meaning: torch.cdist(queries,
     bank).topk(k, largest=False), computed in blocks of KNN_QUERIES queries x as many bank rows
     as fit `block_mb` (0: KNN_BLOCK_MB), each block's nearest merged with the best so far, so
-    memory stays flat. Exact: the k are chosen among KNN_CANDIDATES more by ||q - b|| itself, and
-    where the fast distance's error bound cannot rule out a row beyond the candidates, that
-    query is searched again over the whole bank by ||q - b||."""
+    memory stays flat (beside one centred copy of the bank). Exact: the k are chosen among
+    KNN_CANDIDATES more by ||q - b|| itself, and where the fast distance's error bound cannot
+    rule out a row beyond the candidates, that query is searched again over the whole bank by
+    ||q - b||."""
     if not len(queries) or not len(bank):
         raise ValueError(f"knn_scores: {len(queries)} queries against a bank of {len(bank)} "
                          f"rows; both need at least one")

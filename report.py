@@ -529,7 +529,7 @@ def table_section(header: list, rows: list, notes: list) -> str:
 
 
 def page(title: str, sections: list[str]) -> str:
-    """The whole page, one self-contained HTML document (results.write_report saves it as UTF-8,
+    """The whole page, one self-contained HTML document (patch_ae.write_report saves it as UTF-8,
     the charset it declares)."""
     return (f"<!doctype html><html><head><meta charset='utf-8'><meta name='viewport' "
             f"content='width=device-width, initial-scale=1'><title>{esc(title)}</title><style>"

@@ -1,6 +1,6 @@
-"""Tests of cli.py, the command line that patch_ae.py, deploy.py and bench.py build from their
-Config dataclasses: typed flags in --help groups, the flags given, one-line errors, progress
-lines. Run: pytest -q"""
+"""Tests of patch_ae.py's command line (its supporting section "The command line"), which
+patch_ae.py, deploy.py and bench.py build from their Config dataclasses: typed flags in --help
+groups, the flags given, one-line errors, progress lines. Run: pytest -q"""
 from __future__ import annotations
 
 import re

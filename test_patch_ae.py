@@ -1326,3 +1326,12 @@ def test_doc_commands_parse(tmp_path):
     assert counts["tools/gpu_check.py"] >= 3, counts
     files = {where for commands in found.values() for where, _, _ in commands}
     assert files >= {"README.md", "usage.md", "gpu.md"}
+
+
+def test_readme_says_where_a_reader_meets_cutpaste():
+    """The README's layout paragraph gives the line by which CutPaste's banner stands in
+    patch_ae.py: a promise to the reader that the method comes first."""
+    promised = int(re.search(r"CutPaste \(by line (\d+)\)", (ROOT / "README.md").read_text())[1])
+    lines = (ROOT / "patch_ae.py").read_text().splitlines()
+    banner = next(n for n, line in enumerate(lines, 1) if line.startswith("# CutPaste"))
+    assert banner <= promised

@@ -1,5 +1,6 @@
-"""Tests of synthetic.py, the offline category: its MVTec AD layout, its masks, that it is made
-the same for a seed, and that two runs making it at once both find it whole. Run: pytest -q"""
+"""Tests of patch_ae.py's offline category (its supporting section "The synthetic category"): its
+MVTec AD layout, its masks, that it is made the same for a seed, and that two runs making it at
+once both find it whole. Run: pytest -q"""
 from pathlib import Path
 
 import numpy as np
