@@ -37,6 +37,8 @@ VARIANTS = {
     "pca-1e-4-frozen": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0"],
     "pca-1e-4-20ep": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0.1",
                       "--epochs", "20"],
+    "pca-1e-4-c100": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0.1",
+                      "--feat-dim", "100"],
 }
 METRICS = ("image_auroc", "pixel_auroc")
 
