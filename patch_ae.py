@@ -375,26 +375,6 @@ class RawFeatures(nn.Module):
         return self.encoder.features(x)                  # (B, c1+c2, h, w)
 
 
-@torch.no_grad()
-def fusion_from_features(fuse: nn.Sequential, rows: torch.Tensor) -> None:
-    """--fusion-init pca (ours; the paper says nothing of how the fusion starts). rows: the raw
-    features of the training patches (N, c1+c2). The first 1x1 conv becomes the projection on
-    their c3 principal components, the second the identity, so training starts from the raw
-    features' main directions rather than from a random projection whose ReLU drops about half
-    of them. Each component is shifted so that the training patches lie one range above zero:
-    the ReLUs then clip none of them, nor a test patch less than a range below them."""
-    first, second = fuse[0], fuse[2]
-    mean = rows.mean(0)                                                 # (C,)
-    centred = rows - mean
-    _, vectors = torch.linalg.eigh(centred.T @ centred)                 # ascending eigenvalues
-    v = vectors[:, -first.out_channels:].flip(1)                        # (C, c3), largest first
-    low, high = (centred @ v).aminmax(dim=0)                            # (c3,) each
-    first.weight.copy_(v.T[:, :, None, None])
-    first.bias.copy_(-mean @ v - low + (high - low))
-    second.weight.copy_(torch.eye(second.out_channels)[:, :, None, None])
-    second.bias.zero_()
-
-
 # ----------------------------------------------------------------------------------------------
 # Decoder (Sec. 2.4): 1x1 conv, ReLU, 1x1 conv, so each feature vector rebuilds its own patch.
 # It only teaches the encoder: scoring never uses it (reconstruct draws what it rebuilds)
@@ -424,6 +404,34 @@ class PatchAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+
+@torch.no_grad()
+def fusion_from_features(model: PatchAE, rows: torch.Tensor) -> None:
+    """--fusion-init pca (ours; the paper says nothing of how the fusion starts). rows: the raw
+    features of the training patches (N, c1+c2). The first 1x1 conv becomes the projection on
+    their c3 principal components, the second the identity, so training starts from the raw
+    features' main directions rather than from a random projection whose ReLU drops about half
+    of them. Each component is shifted so that the training patches lie one range above zero:
+    the ReLUs then clip none of them, nor a test patch less than a range below them. R is
+    scaled as a whole so that its components' standard deviations average 1 (one scale changes
+    no neighbour), and the decoder's first bias takes R's mean off: a decoder as torch starts it
+    then sees inputs of the size a random fusion gives, not a hundred times larger."""
+    first, second = model.encoder.fuse[0], model.encoder.fuse[2]
+    mean = rows.mean(0)                                                 # (C,)
+    centred = rows - mean
+    _, vectors = torch.linalg.eigh(centred.T @ centred)                 # ascending eigenvalues
+    v = vectors[:, -first.out_channels:].flip(1)                        # (C, c3), largest first
+    projected = centred @ v                                             # (N, c3)
+    low, high = projected.aminmax(dim=0)                                # (c3,) each
+    scale = 1 / projected.std(0).mean()
+    first.weight.copy_(scale * v.T[:, :, None, None])
+    first.bias.copy_(scale * (-mean @ v - low + (high - low)))
+    second.weight.copy_(torch.eye(second.out_channels)[:, :, None, None])
+    second.bias.zero_()
+    r_mean = scale * (high - 2 * low)                                   # R's mean over rows
+    hidden = model.decoder.net[0]
+    hidden.bias.sub_(hidden.weight[:, :, 0, 0] @ r_mean)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -826,7 +834,7 @@ def fit(cfg: Config, train: torch.Tensor, seed: int, device: torch.device, guard
         features = extract_features(RawFeatures(model.encoder.to(device)), train, cfg.batch_size,
                                     device, "raw features")             # (N, c1+c2, h, w)
         if cfg.fusion_init == "pca":
-            fusion_from_features(model.encoder.fuse, flatten_patches(features))
+            fusion_from_features(model, flatten_patches(features))
         if baselines:
             raw = {"bank": build_memory_bank(features, cfg.coreset_ratio, seed),
                    "seconds": clock(device) - t_raw}

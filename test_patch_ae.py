@@ -362,23 +362,31 @@ def test_conv4_is_brought_to_conv3s_grid_bilinearly_and_concatenated():
 
 def test_fusion_from_features_starts_r_as_the_raw_features_principal_components():
     """--fusion-init pca: before any step, R is the raw features projected on their c3 principal
-    components, shifted: distances between training patches in R equal those in that subspace
-    (the kNN sees them), and the ReLUs clip none of the training patches."""
+    components, shifted and scaled as a whole: distances between training patches in R are those
+    in that subspace times one factor (the kNN's order is theirs), R's components' standard
+    deviations average 1, the ReLUs clip none of the training patches, and the decoder's first
+    layer sees R centred: its pre-activations average its own bias as torch started it."""
     torch.manual_seed(0)
-    encoder = pa.Encoder(pa.load_backbone("resnet18", "none"), feat_dim=16).eval()
+    model = pa.PatchAE(pa.load_backbone("resnet18", "none"), feat_dim=16).eval()
+    encoder = model.encoder
     images = encoder.scale_input(torch.rand(6, 3, 64, 64))
+    bias = model.decoder.net[0].bias.detach().clone()
     with torch.no_grad():
         rows = pa.flatten_patches(encoder.features(images))                  # (384, 384)
-        pa.fusion_from_features(encoder.fuse, rows)
-        r = pa.flatten_patches(encoder(images))                               # (384, 16)
+        pa.fusion_from_features(model, rows)
         first = encoder.fuse[0](encoder.features(images))
+        r = pa.flatten_patches(encoder(images))                               # (384, 16)
+        hidden = pa.flatten_patches(model.decoder.net[0](encoder(images)))    # before its ReLU
     assert (first > 0).all()                                                  # nothing clipped
+    assert r.std(0).mean().item() == pytest.approx(1, rel=1e-4)
+    torch.testing.assert_close(hidden.mean(0), bias, atol=1e-4, rtol=0)
     centred = (rows - rows.mean(0)).double()
     top = torch.linalg.svd(centred, full_matrices=False).Vh[:16].T           # (384, 16)
-    expected = torch.cdist(centred @ top, centred @ top)
     exact = "donot_use_mm_for_euclid_dist"
-    torch.testing.assert_close(torch.cdist(r, r, compute_mode=exact).double(), expected,
-                               rtol=1e-3, atol=1e-3)
+    subspace = torch.cdist(centred @ top, centred @ top)
+    in_r = torch.cdist(r, r, compute_mode=exact).double()
+    factor = in_r.sum() / subspace.sum()
+    torch.testing.assert_close(in_r, factor * subspace, rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------- decoder, loss
