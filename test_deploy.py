@@ -735,14 +735,15 @@ def test_load_takes_the_model_files_settings_and_names_the_flags_it_ignores(
     model = tmp_path / "m.pt"
     trained = run_main(TINY + ["--save", str(model)], tmp_path / "a", synthetic_root)
     capsys.readouterr()
+    other_init = {"pca": "random", "random": "pca"}[trained["config"]["fusion_init"]]
     loaded = run_main(["--load", str(model), "--image-size", "64", "--epochs", "7", "--lr",
-                       "0.5", "--fusion-init", "pca"], tmp_path / "b", synthetic_root)
+                       "0.5", "--fusion-init", other_init], tmp_path / "b", synthetic_root)
     printed = capsys.readouterr().out
     notes = [line for line in printed.splitlines() if "ignored" in line]
     assert notes == [f"note: --load {model}: the model was trained already, so --fusion-init, "
                      f"--epochs, --lr are ignored; its own settings stay"]
     assert loaded["image_auroc"] == trained["image_auroc"]
     assert (loaded["config"]["epochs"], loaded["config"]["lr"]) == (1, trained["config"]["lr"])
-    assert loaded["config"]["fusion_init"] == "random"
+    assert loaded["config"]["fusion_init"] == trained["config"]["fusion_init"]
     expect_error(capsys, ["--load", str(model), "--crop-size", "32"],
                  "the model was made with --crop-size 64, not 32")
