@@ -478,8 +478,9 @@ def run_section(r: dict, text: dict, labels: np.ndarray, scores: np.ndarray,
     psnr = r.get("reconstruction_psnr")
     fidelity = ("" if psnr is None else
                 f"On the normal test images it comes within {psnr:.1f} dB PSNR of the input; "
-                f"the decoder learns more slowly than the features, so after few epochs it may "
-                f"show little more than each patch's colour. ")
+                f"the decoder learns more slowly than the features, so after few epochs, or at "
+                f"a low learning rate, it may show little more than each patch's colour and "
+                f"pixel noise. ")
     about = {"reconstruction": "The reconstruction is the decoder's output for that image: where "
                                "it also rebuilds the defect, the features describe it, which is "
                                "the paper's idea. " + fidelity,
