@@ -39,9 +39,6 @@ VARIANTS = {
                       "--epochs", "20"],
     "pca-1e-4-c100": ["--fusion-init", "pca", "--lr", "1e-4", "--backbone-lr", "0.1",
                       "--feat-dim", "100"],
-    "pca-3e-4-frozen": ["--fusion-init", "pca", "--lr", "3e-4", "--backbone-lr", "0"],
-    "pca-1e-3-frozen-20ep": ["--fusion-init", "pca", "--lr", "1e-3", "--backbone-lr", "0",
-                             "--epochs", "20"],
 }
 METRICS = ("image_auroc", "pixel_auroc")
 
